@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML), installed as the package `fireq_configs`."""

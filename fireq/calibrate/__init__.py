@@ -1,0 +1,1 @@
+"""Calibration: capture each decoder layer's inputs, collect statistics layer by layer."""

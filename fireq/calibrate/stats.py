@@ -1,0 +1,87 @@
+"""Statistics of one decoder layer on calibration inputs, gathered with forward hooks.
+
+- `act_absmax[name]`: (K,) max |x_k| over tokens of each linear's input (smoothing).
+- `hessian[name]`: (K, K) float64 sum of x x^T over tokens, divided by their count (GPTQ).
+- `key_absmax`: (H_kv, D) max |k| before RoPE (after k_norm where the model has one).
+- `key_pair_norm`: (H_kv, D/2) max_t sqrt(k_j^2 + k_{j+D/2}^2) before RoPE (pre-RoPE scaling).
+- `rope_key_absmax`: (H_kv, D) max |k| after RoPE (post-RoPE scaling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.registry import layer_linears
+
+
+@dataclass
+class LayerStats:
+    act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+    key_absmax: torch.Tensor | None = None
+    key_pair_norm: torch.Tensor | None = None
+    rope_key_absmax: torch.Tensor | None = None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _amax(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if old is None else torch.maximum(old, new)
+
+
+@torch.no_grad()
+def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, *, hessians: bool,
+            head_dim: int, n_kv_heads: int) -> LayerStats:
+    """Run the float layer on `inputs` and collect LayerStats."""
+    from .layerwise import _to
+
+    st = LayerStats()
+    hooks = []
+
+    def lin_hook(name):
+        def f(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            st.act_absmax[name] = _amax(st.act_absmax.get(name), x.abs().amax(0).cpu())
+            if hessians:
+                h = (x.double().t() @ x.double()).cpu()
+                st.hessian[name] = h if name not in st.hessian else st.hessian[name] + h
+        return f
+
+    for name, lin in layer_linears(layer).items():
+        hooks.append(lin.register_forward_pre_hook(lin_hook(name)))
+
+    kw = _to(kwargs, device)
+    cos, sin = kw["position_embeddings"]
+    attn = layer.self_attn
+    key_src = getattr(attn, "k_norm", None) or attn.k_proj
+
+    def key_hook(mod, args, out):
+        k = out.detach().float()
+        b, L = k.shape[0], k.shape[1]
+        k = k.reshape(b, L, n_kv_heads, head_dim).transpose(1, 2)  # (B, H, L, D)
+        st.key_absmax = _amax(st.key_absmax, k.abs().amax(dim=(0, 2)).cpu())
+        h = head_dim // 2
+        pair = (k[..., :h] ** 2 + k[..., h:] ** 2).sqrt().amax(dim=(0, 2)).cpu()
+        st.key_pair_norm = _amax(st.key_pair_norm, pair)
+        c, s = cos.float()[:, None], sin.float()[:, None]  # (B, 1, L, D)
+        kr = k * c + _rotate_half(k) * s
+        st.rope_key_absmax = _amax(st.rope_key_absmax, kr.abs().amax(dim=(0, 2)).cpu())
+
+    hooks.append(key_src.register_forward_hook(key_hook))
+    try:
+        for x in inputs:
+            layer(x.to(device), **kw)
+            st.tokens += x.shape[0] * x.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    if hessians:
+        st.hessian = {k: v / st.tokens for k, v in st.hessian.items()}
+    return st

@@ -1,0 +1,1 @@
+"""The fireq checkpoint: safetensors + config.json with a versioned quantization_config."""

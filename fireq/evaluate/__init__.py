@@ -1,0 +1,1 @@
+"""Evaluation: perplexity of any causal LM, quantized or not."""

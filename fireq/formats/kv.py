@@ -1,0 +1,96 @@
+"""INT4 KV cache format and FP8 query quantization.
+
+K and V (B, H_kv, L, D) are quantized per token, per head, in groups of `group_size` channels
+(-1: the whole head, FireQ's default). Symmetric (default):
+
+    s = max|x_g| / 7,  q = clamp(round(x / s), -8, 7),  x ~= q * s
+
+Asymmetric (zero points): s = (max - min) / 15, z = round(-min / s) in [0, 15],
+q = clamp(round(x / s) + z, 0, 15), x ~= (q - z) * s. Scales are FP8 E4M3 or BF16; zero points are
+stored as uint8. Codes are packed two a byte along D (fireq.formats.int4.pack_int4's layout;
+asymmetric codes are unsigned nibbles).
+
+Queries are FP8 E4M3 with one scale per token per head (fireq.formats.fp8.quantize_fp8_rows over D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .fp8 import FP8_DTYPE, FP8_MAX
+from .int4 import pack_int4, unpack_int4
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """How K and V are stored. bits: 4 (or 16 = not quantized); group_size: -1 = head_dim."""
+
+    bits: int = 4
+    group_size: int = -1
+    symmetric: bool = True
+    scale_dtype: str = "fp8"
+
+    def group(self, head_dim: int) -> int:
+        return head_dim if self.group_size in (-1, 0) else self.group_size
+
+
+def _cast(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    if scale_dtype == "fp8":
+        return s.clamp(max=FP8_MAX).to(FP8_DTYPE)
+    return s.to(torch.bfloat16)
+
+
+@dataclass
+class QuantizedKV:
+    """packed: (..., D/2) uint8; scales: (..., D/group); zeros: (..., D/group) uint8 or None."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
+    """x: (..., D) -> packed codes, scales (and zero points)."""
+    d = x.shape[-1]
+    g = spec.group(d)
+    if d % g:
+        raise ValueError(f"KV group size {g} must divide head_dim {d}")
+    xg = x.float().unflatten(-1, (d // g, g))
+    if spec.symmetric:
+        s = _cast(xg.abs().amax(-1) / 7.0, spec.scale_dtype)
+        sf = s.float().unsqueeze(-1)
+        q = torch.where(sf > 0, torch.round(xg / torch.where(sf > 0, sf, 1.0)), 0.0).clamp(-8, 7)
+        return QuantizedKV(pack_int4(q.flatten(-2).to(torch.int8)), s, None)
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    s = _cast((hi - lo) / 15.0, spec.scale_dtype)
+    sf = s.float()
+    safe = torch.where(sf > 0, sf, 1.0)
+    z = torch.where(sf > 0, torch.round(-lo / safe), 0.0).clamp(0, 15)
+    q = (torch.round(xg / safe.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, 15)
+    q = torch.where(sf.unsqueeze(-1) > 0, q, z.unsqueeze(-1))
+    packed = (q.flatten(-2).to(torch.int16))
+    packed = (packed[..., 0::2] | (packed[..., 1::2] << 4)).to(torch.uint8)
+    return QuantizedKV(packed, s, z.to(torch.uint8))
+
+
+def dequantize_kv(qkv: QuantizedKV, head_dim: int, spec: KVSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_kv: (..., D) in dtype."""
+    g = spec.group(head_dim)
+    if spec.symmetric:
+        q = unpack_int4(qkv.packed, head_dim).float()
+    else:
+        p = qkv.packed.to(torch.int16)
+        q = torch.stack((p & 0xF, (p >> 4) & 0xF), dim=-1).flatten(-2).float()
+    q = q.unflatten(-1, (head_dim // g, g))
+    if qkv.zeros is not None:
+        q = q - qkv.zeros.float().unsqueeze(-1)
+    return (q * qkv.scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def fake_quantize_kv(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+    """Quantize-dequantize, in x's dtype. bits = 16 leaves x as it is."""
+    if spec.bits >= 16:
+        return x
+    return dequantize_kv(quantize_kv(x, spec), x.shape[-1], spec, x.dtype)

@@ -1,0 +1,1 @@
+"""Model loading (directory, hub id, GGUF) and the per-architecture facts fireq needs."""

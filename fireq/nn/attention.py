@@ -1,0 +1,156 @@
+"""W4A8KV4 attention for transformers models: FP8 queries, INT4 K/V, optional post-RoPE key scales.
+
+Hooked in through transformers' attention-function registry under the name "fireq": the model's own
+attention module computes q/k/v (quantized linears), applies RoPE and hands the states to
+`fireq_attention_forward`, which
+
+1. scales K by the post-RoPE per-channel scales S (if the layer has them) and quantizes K and V to
+   INT4 per token per head, unless they come from a FireqKVCache that already did so;
+2. scales Q by S^-1 (so Q K^T is unchanged) and quantizes it to FP8 per token per head;
+3. runs attention over the dequantized operands (the reference path; the Triton kernel reads the
+   packed cache directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats.fp8 import fake_quantize_fp8_rows
+from ..formats.kv import KVSpec, QuantizedKV, dequantize_kv, quantize_kv
+
+ATTN_IMPL = "fireq"
+_MARK = "_fireq_kv_quantized"
+
+
+@dataclass(frozen=True)
+class AttentionQuant:
+    kv: KVSpec = KVSpec()
+    query_fp8: bool = True
+
+
+def attach(attn: nn.Module, aq: AttentionQuant, post_scale: torch.Tensor | None = None) -> None:
+    """Give an attention module its quantization settings and (optionally) its post-RoPE key scales
+    k_post_scale: (H_kv, head_dim) float32, stored in the checkpoint."""
+    attn.fireq_attn = aq
+    if post_scale is not None:
+        attn.register_buffer("k_post_scale", post_scale.float().contiguous())
+
+
+def _scale_keys(attn: nn.Module, key: torch.Tensor) -> torch.Tensor:
+    s = getattr(attn, "k_post_scale", None)
+    return key if s is None else key * s.to(key.dtype)[None, :, None, :]
+
+
+def _unscale_queries(attn: nn.Module, query: torch.Tensor) -> torch.Tensor:
+    s = getattr(attn, "k_post_scale", None)
+    if s is None:
+        return query
+    rep = query.shape[1] // s.shape[0]
+    return query / s.repeat_interleave(rep, dim=0).to(query.dtype)[None, :, None, :]
+
+
+def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, **kwargs):
+    """query: (B, Hq, Lq, D); key, value: (B, Hkv, Lk, D), post-RoPE. Returns ((B, Lq, Hq, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    aq: AttentionQuant | None = getattr(module, "fireq_attn", None)
+    if aq is not None:
+        if not getattr(key, _MARK, False):
+            key = _scale_keys(module, key)
+            if aq.kv.bits < 16:
+                key = dequantize_kv(quantize_kv(key, aq.kv), key.shape[-1], aq.kv, key.dtype)
+                value = dequantize_kv(quantize_kv(value, aq.kv), value.shape[-1], aq.kv, value.dtype)
+        query = _unscale_queries(module, query)
+        if aq.query_fp8:
+            query = fake_quantize_fp8_rows(query)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def register() -> None:
+    """Register "fireq" with transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, fireq_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
+
+
+def _cat(a: QuantizedKV | None, b: QuantizedKV) -> QuantizedKV:
+    if a is None:
+        return b
+    z = None if b.zeros is None else torch.cat([a.zeros, b.zeros], dim=-2)
+    return QuantizedKV(torch.cat([a.packed, b.packed], dim=-2), torch.cat([a.scales, b.scales], dim=-2), z)
+
+
+def _make_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class FireqKVLayer(DynamicLayer):
+        """One layer's INT4 KV cache: packed codes (B, H, L, D/2) uint8 and scales (B, H, L, D/group)."""
+
+        is_croppable = False
+
+        def __init__(self, attn: nn.Module):
+            super().__init__()
+            self.attn = attn
+            self.cumulative_length = 0
+            self.qk: QuantizedKV | None = None
+            self.qv: QuantizedKV | None = None
+
+        def lazy_initialization(self, key_states, value_states):
+            self.device = key_states.device
+            self.dtype = key_states.dtype
+            self.head_dim = key_states.shape[-1]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            spec = self.attn.fireq_attn.kv
+            key_states = _scale_keys(self.attn, key_states)
+            self.qk = _cat(self.qk, quantize_kv(key_states, spec))
+            self.qv = _cat(self.qv, quantize_kv(value_states, spec))
+            self.cumulative_length += key_states.shape[-2]
+            k = dequantize_kv(self.qk, self.head_dim, spec, self.dtype)
+            v = dequantize_kv(self.qv, self.head_dim, spec, self.dtype)
+            setattr(k, _MARK, True)
+            setattr(v, _MARK, True)
+            return k, v
+
+        def get_seq_length(self) -> int:
+            return self.cumulative_length
+
+        def reset(self) -> None:
+            self.qk = self.qv = None
+            self.cumulative_length = 0
+            self.is_initialized = False
+
+        def reorder_cache(self, beam_idx):
+            for qkv in (self.qk, self.qv):
+                if qkv is not None:
+                    idx = beam_idx.to(qkv.packed.device)
+                    qkv.packed, qkv.scales = qkv.packed[idx], qkv.scales[idx]
+                    if qkv.zeros is not None:
+                        qkv.zeros = qkv.zeros[idx]
+
+        def nbytes(self) -> int:
+            return sum(t.numel() * t.element_size() for q in (self.qk, self.qv) if q is not None
+                       for t in (q.packed, q.scales, q.zeros) if t is not None)
+
+    return FireqKVLayer
+
+
+def make_cache(model: nn.Module):
+    """A transformers Cache whose layers store K and V as packed INT4 (fireq's format)."""
+    from transformers.cache_utils import Cache
+
+    from ..models.registry import decoder_layers
+
+    layer_cls = _make_layer_class()
+    return Cache(layers=[layer_cls(layer.self_attn) for layer in decoder_layers(model)])

@@ -1,0 +1,93 @@
+"""QuantLinear: a linear layer computing from packed INT4 weights and FP8 per-token activations.
+
+No full-precision copy of the weight is kept: the forward unpacks on the fly (reference path) or the
+Triton kernel converts nibbles to FP8 in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fireq_kernels import w4a8_linear
+
+from ..formats.int4 import QuantizedWeight, n_groups
+
+
+class QuantLinear(nn.Module):
+    """y = fp8(x) @ (q * s / 2^e)^T + b.
+
+    Buffers (the checkpoint's tensors, by name):
+      qweight: (out_features, ceil(in_features / 2)) uint8, two INT4 nibbles a byte, even k low
+      scales: (out_features, n_groups) float8_e4m3fn or bfloat16, one per group of `group_size` inputs
+      log2_multiplier: (1,) int32, e of the per-tensor power-of-two multiplier m = 2^e
+      bias: (out_features,) or absent
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128,
+                 scale_dtype: str = "fp8", act_quant: bool = True, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.act_quant = act_quant
+        sdt = torch.float8_e4m3fn if scale_dtype == "fp8" else torch.bfloat16
+        self.register_buffer("qweight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups(in_features, group_size), dtype=sdt,
+                                                   device=device))
+        self.register_buffer("log2_multiplier", torch.zeros(1, dtype=torch.int32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self._log2m: int | None = None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, act_quant: bool = True,
+                       dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        m = cls(qw.in_features, qw.qweight.shape[0], bias is not None, qw.group_size,
+                "fp8" if qw.scales.dtype == torch.float8_e4m3fn else "bf16", act_quant, dtype,
+                qw.qweight.device)
+        m.qweight.copy_(qw.qweight)
+        m.scales.copy_(qw.scales)
+        m.log2_multiplier.fill_(qw.log2_multiplier)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, int(self.log2_multiplier.item()), self.in_features,
+                               self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._log2m is None:  # read once: .item() would sync the GPU every call
+            self._log2m = int(self.log2_multiplier.item())
+        return w4a8_linear(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias, self.act_quant)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._log2m = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"scales={self.scales.dtype}, act_quant={self.act_quant}")
+
+
+class FakeQuantLinear(nn.Module):
+    """Quantize-dequantize twin of QuantLinear in floating point: the dequantized weight is kept and the
+    input is FP8 fake-quantized per token. Used to check that the packed path computes the same model."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act_quant = act_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..formats.fp8 import fake_quantize_fp8_rows
+
+        if self.act_quant:
+            x = fake_quantize_fp8_rows(x)
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

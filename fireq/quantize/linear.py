@@ -1,0 +1,45 @@
+"""Turn the float linears of one decoder layer into QuantLinears."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.int4 import QuantizedWeight, quantize_int4
+from ..models.registry import layer_linears
+from ..nn.linear import FakeQuantLinear, QuantLinear
+from ..recipe import Recipe
+
+
+def _set(parent: nn.Module, dotted: str, module: nn.Module) -> None:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        parent = getattr(parent, p)
+    setattr(parent, leaf, module)
+
+
+def quantize_weight(weight: torch.Tensor, recipe: Recipe, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """INT4 weight by the recipe's rounding method. weight: (N, K) float; hessian: (K, K) or None."""
+    if recipe.method == "gptq" and hessian is not None:
+        from .gptq import gptq_quantize
+
+        return gptq_quantize(weight, hessian, recipe)
+    return quantize_int4(weight.detach().float(), recipe.w_group_size, recipe.w_scale_dtype)
+
+
+def quantize_layer_linears(layer: nn.Module, recipe: Recipe, dtype: torch.dtype,
+                           hessians: dict[str, torch.Tensor] | None = None, fake: bool = False) -> None:
+    """Replace every nn.Linear of the layer (q/k/v/o, gate/up/down) in place.
+
+    fake=True puts FakeQuantLinear (dequantized float weights) instead: the quantize-dequantize twin.
+    """
+    for name, lin in layer_linears(layer).items():
+        if not isinstance(lin, nn.Linear):
+            continue
+        qw = quantize_weight(lin.weight, recipe, (hessians or {}).get(name))
+        bias = None if lin.bias is None else lin.bias.detach()
+        if fake:
+            new = FakeQuantLinear(qw.dequantize(lin.weight.dtype), bias, recipe.act_quant)
+        else:
+            new = QuantLinear.from_quantized(qw, None if bias is None else bias.to(dtype), recipe.act_quant, dtype)
+        _set(layer, name, new.to(lin.weight.device))

@@ -1,0 +1,96 @@
+"""Pure-PyTorch twins of the Triton kernels: the CPU path and the test oracle.
+
+Shapes are written next to every argument; dtypes are the ones the kernels take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (M, K) float -> (q: (M, K) fp8 e4m3, scale: (M, 1) fp32); x ~= q * scale."""
+    xf = x.float()
+    s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=_TINY)
+    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def unpack_int4_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """packed: (N, ceil(K/2)) uint8, even k in the low nibble -> (N, K) int8 in [-8, 7]."""
+    p = packed.to(torch.int16)
+    lo = ((p & 0xF) ^ 8) - 8
+    hi = (((p >> 4) & 0xF) ^ 8) - 8
+    return torch.stack((lo, hi), -1).flatten(-2)[..., :k].to(torch.int8)
+
+
+def group_scales_ref(scales: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """scales: (N, G) fp8/bf16 -> (N, K) fp32."""
+    g = k if group_size in (-1, 0) else group_size
+    return scales.float().repeat_interleave(g, dim=-1)[:, :k]
+
+
+def w4a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                  log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype = torch.bfloat16, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """out = (xq * x_scale) @ (q * s_w / 2^e)^T + bias.
+
+    xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8; w_scales: (N, G) fp8 or bf16;
+    bias: (N,) or None. Accumulates in acc_dtype (float32 like the kernel; float64 for the oracle).
+    """
+    k = xq.shape[1]
+    w = unpack_int4_ref(qweight, k).to(acc_dtype) * group_scales_ref(w_scales, k, group_size).to(acc_dtype)
+    out = (xq.to(acc_dtype) @ w.t()) * (x_scale.to(acc_dtype) * 2.0 ** -log2_multiplier)
+    if bias is not None:
+        out = out + bias.to(acc_dtype)
+    return out.to(out_dtype)
+
+
+def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
+                    group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True) -> torch.Tensor:
+    """A whole quantized linear: per-token FP8 quantization of x (..., K), then the GEMM. Output in x.dtype."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if act_quant:
+        xq, xs = quantize_fp8_rows_ref(x2)
+        out = w4a8_gemm_ref(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype)
+    else:
+        w = unpack_int4_ref(qweight, k).float() * group_scales_ref(w_scales, k, group_size) * 2.0 ** -log2_multiplier
+        out = x2.float() @ w.t()
+        if bias is not None:
+            out = out + bias.float()
+        out = out.to(x.dtype)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def kv4_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None = None, q_bias: torch.Tensor | None = None,
+                      k_bias: torch.Tensor | None = None, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """softmax(q k^T * scale + q_bias k_bias^T + mask) v with GQA.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) (already dequantized); mask: broadcastable to
+    (B, Hq, Lq, Lk), additive (-inf where masked) or boolean (True = keep); q_bias: (B, Hq, Lq, R),
+    k_bias: (B, Hkv or Hq, Lk, R) low-rank bias factors (FlashBias). Output (B, Hq, Lq, D) in q.dtype.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    kk = k.to(acc_dtype).repeat_interleave(rep, dim=1)
+    vv = v.to(acc_dtype).repeat_interleave(rep, dim=1)
+    s = (q.to(acc_dtype) @ kk.transpose(-1, -2)) * scale
+    if q_bias is not None:
+        kb = k_bias.to(acc_dtype)
+        if kb.shape[1] != hq:
+            kb = kb.repeat_interleave(hq // kb.shape[1], dim=1)
+        s = s + q_bias.to(acc_dtype) @ kb.transpose(-1, -2)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask.to(acc_dtype)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows give zeros
+    return (p @ vv).to(q.dtype)
