@@ -64,8 +64,11 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
 
     def key_hook(mod, args, out):
         k = out.detach().float()
-        b, L = k.shape[0], k.shape[1]
-        k = k.reshape(b, L, n_kv_heads, head_dim).transpose(1, 2)  # (B, H, L, D)
+        L = cur_len[0]
+        if k.dim() == 4 and k.shape[2] == L and k.shape[1] == n_kv_heads:
+            pass  # k_norm applied after the transpose (Gemma 3): already (B, H, L, D)
+        else:  # k_proj output (B, L, H*D) or k_norm before the transpose (B, L, H, D)
+            k = k.reshape(k.shape[0], L, n_kv_heads, head_dim).transpose(1, 2)  # (B, H, L, D)
         st.key_absmax = _amax(st.key_absmax, k.abs().amax(dim=(0, 2)).cpu())
         h = head_dim // 2
         pair = (k[..., :h] ** 2 + k[..., h:] ** 2).sqrt().amax(dim=(0, 2)).cpu()
@@ -75,8 +78,10 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
         st.rope_key_absmax = _amax(st.rope_key_absmax, kr.abs().amax(dim=(0, 2)).cpu())
 
     hooks.append(key_src.register_forward_hook(key_hook))
+    cur_len = [0]
     try:
         for x in inputs:
+            cur_len[0] = x.shape[1]
             layer(x.to(device), **kw)
             st.tokens += x.shape[0] * x.shape[1]
     finally:

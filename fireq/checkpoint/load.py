@@ -172,11 +172,15 @@ def _use_int4_cache_in_generate(model: nn.Module) -> None:
     """Make generate() default to the INT4 KV cache (this instance only)."""
     from ..nn.attention import make_cache
 
+    import inspect
+
     original = model.generate
+    # transformers >= 5.2x names the argument `cache`; earlier 5.x `past_key_values`
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            kwargs["past_key_values"] = make_cache(model)
+            kwargs[name] = make_cache(model)
         return original(*args, **kwargs)
 
     generate.__doc__ = original.__doc__

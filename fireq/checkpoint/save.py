@@ -89,8 +89,9 @@ def _model_card(recipe, source: str, report: dict | None) -> str:
     ]
     lines += [f"{k}: {json.dumps(v)}" for k, v in recipe.to_dict().items()]
     lines += ["```", ""]
-    if report:
-        lines += [f"Quantized in {report['seconds']:.1f} s ({report['layers']} layers).", ""]
+    if report:  # no timings here: same inputs must give byte-identical files
+        lines += [f"{report['layers']} decoder layers quantized"
+                  + (", calibrated layer by layer." if report.get("calibrated") else " (no calibration needed)."), ""]
     return "\n".join(lines)
 
 
@@ -115,6 +116,8 @@ def save_checkpoint(model: nn.Module, tokenizer, recipe, out: Path, source: str,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(recipe, source, report))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -86,8 +86,19 @@ class FakeQuantLinear(nn.Module):
         self.act_quant = act_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..formats.fp8 import fake_quantize_fp8_rows
+        """y = (q_x @ W_hat^T) * s_x + b with (q_x, s_x) the per-token FP8 quantization of x: the scale is
+        applied after the product, as the kernels do (x_hat @ W_hat^T rounds differently in float32, and
+        per-token FP8 rounding downstream amplifies such last-bit differences)."""
+        from ..formats.fp8 import quantize_fp8_rows
 
+        b = None if self.bias is None else self.bias.float()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
         if self.act_quant:
-            x = fake_quantize_fp8_rows(x)
-        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            q, s = quantize_fp8_rows(x2)
+            y = (q.float() @ self.weight.float().t()) * s
+        else:
+            y = x2.float() @ self.weight.float().t()
+        if b is not None:
+            y = y + b
+        return y.to(x.dtype).reshape(*shape[:-1], -1)

@@ -1,0 +1,122 @@
+"""The whole pipeline on tiny random models of each supported architecture."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import fireq
+from fireq import recipe as recipes
+from fireq.nn.attention import make_cache
+from fireq.nn.linear import QuantLinear
+from fireq.pipeline import quantize_model, run
+
+ARCHS = ["llama", "qwen2", "gemma3_text"]
+
+
+def _digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dirs, calib_file, tmp_path_factory):
+    out = {}
+    for arch in ARCHS:
+        for name in ("rtn", "default"):
+            r = recipes.load(name).replace(calib_data=str(calib_file), nsamples=4, seqlen=32)
+            d = tmp_path_factory.mktemp(f"q-{arch}-{name}") / "ckpt"
+            run(str(tiny_dirs[arch]), str(d), r)
+            out[arch, name] = d
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["rtn", "default"])
+def test_load_twice_bitwise_and_hf_path(checkpoints, arch, name):
+    from transformers import AutoModelForCausalLM
+
+    d = checkpoints[arch, name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 1000, (2, 20), generator=g)
+    a = fireq.load(d)(x).logits
+    b = fireq.load(d)(x).logits
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert isinstance(m.model.layers[0].mlp.down_proj, QuantLinear)
+    assert torch.equal(m(x).logits, a)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_equals_fake_quant(tiny_dirs, arch, calib_file):
+    """The packed modules compute the quantize-dequantize model."""
+    from fireq.models.source import load_float_model, resolve
+
+    r = recipes.load("default").replace(calib_data=str(calib_file), nsamples=4, seqlen=32)
+    from fireq.data import calibration_samples, load_text, tokenize
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[arch])
+    samples = calibration_samples(tokenize(tok, load_text(str(calib_file))), 4, 32, 0)
+    src = resolve(str(tiny_dirs[arch]))
+    packed, fake = load_float_model(src), load_float_model(src)
+    quantize_model(packed, r, samples)
+    quantize_model(fake, r, samples, fake=True)
+    x = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lp, lf = packed(x).logits, fake(x).logits
+    assert torch.allclose(lp, lf, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_byte_identical(tiny_dirs, calib_file, tmp_path, arch):
+    r = recipes.load("default").replace(calib_data=str(calib_file), nsamples=2, seqlen=16)
+    run(str(tiny_dirs[arch]), str(tmp_path / "a"), r)
+    run(str(tiny_dirs[arch]), str(tmp_path / "b"), r)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_uses_int4_cache(checkpoints, arch):
+    m = fireq.load(checkpoints[arch, "default"])
+    x = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(2))
+    out = m.generate(x, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 11)
+    cache = make_cache(m)
+    with torch.no_grad():
+        m(x, past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.qk.packed.dtype == torch.uint8 and layer.get_seq_length() == 6
+    assert cache.get_seq_length() == 6
+
+
+def test_cache_matches_no_cache_prefill(checkpoints):
+    """Prefill through the INT4 cache computes what the cache-less forward computes."""
+    m = fireq.load(checkpoints["llama", "rtn"])
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = m(x, use_cache=False).logits
+        b = m(x, past_key_values=make_cache(m), use_cache=True).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_contents(checkpoints):
+    import json
+
+    d = checkpoints["qwen2", "default"]
+    cfg = json.loads((d / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "fireq" and qc["format_version"] == 1
+    assert qc["recipe"]["name"] == "default"
+    assert "q_proj" in " ".join(qc["modules"])
+    assert (d / "README.md").read_text().count("pre_rope_scaling")
+    assert (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "model.layers.0.self_attn.q_proj.bias" in keys  # qwen2 biases survive
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.uint8
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").dtype == torch.float8_e4m3fn

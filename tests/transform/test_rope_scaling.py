@@ -1,0 +1,91 @@
+"""Output-preserving transforms: the float model's logits do not move (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fireq.calibrate.stats import LayerStats
+from fireq.recipe import Recipe
+from fireq.transform.rope_scaling import fold_pre_rope, post_rope_scales, rope_scales
+from tests.conftest import make_tiny
+
+
+def _rope(x, pos, d, base=10000.0):
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = pos[:, None].double() * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos(), emb.sin()
+    h = d // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], -1)
+    return x * cos + rot * sin
+
+
+def test_pre_rope_scaling_keeps_logits_float64():
+    for arch in ("llama", "qwen2"):
+        m = make_tiny(arch, 500).double()
+        ref = copy.deepcopy(m)
+        g = torch.Generator().manual_seed(0)
+        for layer in m.model.layers:
+            attn = layer.self_attn
+            n = torch.rand(m.config.num_key_value_heads, attn.head_dim // 2, generator=g, dtype=torch.float64) * 4 + 0.1
+            fold_pre_rope(attn, torch.cat([n, n], -1), m.config.num_attention_heads)
+        x = torch.randint(0, 500, (2, 19), generator=g)
+        with torch.no_grad():
+            a, b = m(x).logits, ref(x).logits
+        assert ((a - b).abs().max() / b.abs().max()) < 1e-6
+
+
+def test_pair_shared_scale_commutes_with_rope():
+    g = torch.Generator().manual_seed(1)
+    d, L = 16, 9
+    q = torch.randn(L, d, generator=g, dtype=torch.float64)
+    k = torch.randn(L, d, generator=g, dtype=torch.float64)
+    pos = torch.randint(0, 4000, (L,), generator=g)
+    n = torch.rand(d // 2, generator=g, dtype=torch.float64) * 5 + 0.1
+    n = torch.cat([n, n])
+    s0 = _rope(q, pos, d) @ _rope(k, pos, d).t()
+    s1 = _rope(q / n, pos, d) @ _rope(k * n, pos, d).t()
+    assert (s0 - s1).abs().max() < 1e-9 * s0.abs().max() * 1e3
+
+
+def test_post_rope_scales_leave_attention_unchanged():
+    """Without quantization, the attention output with K*S and Q/S equals the plain one."""
+    from fireq.formats.kv import KVSpec
+    from fireq.nn.attention import AttentionQuant, attach, fireq_attention_forward
+
+    g = torch.Generator().manual_seed(2)
+    hq, hkv, d = 6, 2, 16
+    absmax = torch.rand(hkv, d, generator=g) * 10
+    s = post_rope_scales(absmax, 8.0, 3)
+    assert (s != 1).sum(1).ge(3).all()
+    assert torch.equal(s != 1, (s != 1).roll(d // 2, 1))  # partners selected together
+
+    class A(torch.nn.Module):
+        num_key_value_groups = hq // hkv
+        is_causal = True
+        training = False
+
+    mod = A()
+    attach(mod, AttentionQuant(KVSpec(bits=16), query_fp8=False), s.double())
+    q = torch.randn(1, hq, 7, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, hkv, 7, d, generator=g, dtype=torch.float64)
+    v = torch.randn(1, hkv, 7, d, generator=g, dtype=torch.float64)
+    a, _ = fireq_attention_forward(mod, q, k, v, None, scaling=d**-0.5)
+    plain = A()
+    b, _ = fireq_attention_forward(plain, q, k, v, None, scaling=d**-0.5)
+    assert (a - b).abs().max() < 1e-10
+
+
+def test_rope_scales_uses_stats():
+    m = make_tiny("llama", 300).double()
+    layer = m.model.layers[0]
+    ref = copy.deepcopy(layer)
+    hkv, d = 2, 16
+    st = LayerStats(key_pair_norm=torch.rand(hkv, d // 2) + 0.5, rope_key_absmax=torch.rand(hkv, d) + 0.5)
+    r = Recipe(pre_rope_scaling=True, post_rope_scaling=True, post_rope_top_k=2)
+    out = rope_scales(layer, st, r, m.config)
+    assert out["k_post_scale"].shape == (hkv, d)
+    ratio = layer.self_attn.k_proj.weight / ref.self_attn.k_proj.weight
+    assert not torch.allclose(ratio, torch.ones_like(ratio))
