@@ -86,12 +86,33 @@ def evaluate(
         Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
 
 
+def _quiet_transformers() -> None:
+    """transformers' own progress bars only on a terminal."""
+    if not sys.stderr.isatty():
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
 def main() -> None:
+    import os
+
+    _quiet_transformers()
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("fireq: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # a bug, not bad input: one line, FIREQ_DEBUG=1 for the traceback
+        if os.environ.get("FIREQ_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()
+        typer.echo(f"fireq: internal error: {type(e).__name__}: {msg[0] if msg else ''} (FIREQ_DEBUG=1 shows more)",
+                   err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
