@@ -1,0 +1,306 @@
+"""INT4 x FP8 GEMM (W4A8) and the fused per-token FP8 activation quantization, in Triton.
+
+out (M, N) = (xq (M, K) fp8 * x_scale (M, 1)) @ (q (N, K) int4 * s (N, K/G) / 2^e)^T + bias
+
+Weights stay in the checkpoint layout: qweight (N, ceil(K/2)) uint8, row-major, two's-complement
+nibbles with the even k in the low nibble. A (BN, BK/2) byte tile is BN rows of BK/2 contiguous bytes
+(64 B for BK = 128): each thread loads 16 contiguous bytes (32 weights). In registers the nibbles are
+sign-extended (shift left then arithmetic shift right), interleaved back to k order with tl.join, and
+converted int8 -> fp16 -> fp8 e4m3 (exact: integers -8..7 are FP8 values). The FP8 x FP8 tensor-core
+product of each K tile accumulates in FP32 and is scaled by its group scale (one K tile never spans two
+groups: BK divides G, or G = K for per-channel); the per-token scale, 2^-e and the bias come last.
+
+Two schedules, chosen by M:
+- SWAP (decode and small M): out^T = W X^T, so the freshly converted weight tile is the MMA's first,
+  register-side operand and tokens fill the narrow side of the MMA (down to 16). With SPLIT_K > 1 the
+  K range is split over programs that atomically add FP32 partials, so a single token row still
+  streams the whole weight over every SM.
+- plain (prefill): (BM, BN) output tiles over a grouped ordering for L2 reuse, software pipelined.
+
+Config lists come from functions below; winners per (bucketed M, N, K) for a GPU can be saved as JSON
+(kernels/tuned/<gpu>.json) and are loaded explicitly by `load_tuned`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+# ----------------------------------------------------------------------------- configs
+def m_bucket(m: int) -> int:
+    """Bucketed M for config lookup: 1, 2, 4, ..., 8192."""
+    b = 1
+    while b < m and b < 8192:
+        b *= 2
+    return b
+
+
+def gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
+    """Candidate configs for a problem, pruned by its size (and the group, which caps BK)."""
+    bk_max = 128 if group in (-1, 0) or group >= 128 else group
+    out = []
+    if m <= 64:
+        for bn in (64, 128):
+            for bm in (16, 32, 64):
+                if bm > max(16, triton.next_power_of_2(m)):
+                    continue
+                for split in (1, 2, 4, 8, 16):
+                    if k // bk_max < split:
+                        continue
+                    for stages in (3, 4, 5):
+                        out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8,
+                                        num_warps=4, num_stages=stages))
+    else:
+        for bm, bn, warps in ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 128, 4), (128, 64, 4)):
+            for stages in (3, 4):
+                out.append(dict(SWAP=False, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
+                                num_stages=stages))
+            out.append(dict(SWAP=True, BM=min(bm, 128), BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8,
+                            num_warps=warps, num_stages=3))
+    return out
+
+
+def default_config(m: int, n: int, k: int, group: int) -> dict:
+    """A reasonable config without tuning."""
+    bk = 128 if group in (-1, 0) or group >= 128 else group
+    if m <= 64:
+        bm = max(16, min(64, triton.next_power_of_2(m)))
+        tiles = triton.cdiv(n, 128)
+        split = 1
+        while tiles * split < 132 and split < 16 and k // bk >= 2 * split:
+            split *= 2
+        return dict(SWAP=True, BM=bm, BN=128, BK=bk, SPLIT_K=split, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(SWAP=False, BM=128, BN=128, BK=bk, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+_TUNED: dict[str, dict] = {}
+
+
+def load_tuned(path: str | Path | None = None) -> int:
+    """Load tuned winners {"M,N,K,G": config} from JSON (default: kernels/tuned/<device name>.json)."""
+    if path is None:
+        name = torch.cuda.get_device_name().replace(" ", "_")
+        path = TUNED_DIR / f"{name}.json"
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    _TUNED.update(json.loads(path.read_text()))
+    return len(_TUNED)
+
+
+def pick_config(m: int, n: int, k: int, group: int) -> dict:
+    return _TUNED.get(f"{m_bucket(m)},{n},{k},{group}") or default_config(m, n, k, group)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _round_to_fp8_grid(y):
+    """y (fp32, |y| <= 448) rounded to the nearest E4M3 value (ties to even), still fp32.
+    Used under the CPU interpreter, whose fp32 -> fp8 cast mis-rounds across binades; an exactly
+    representable value then casts exactly."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    v = y / step
+    r = tl.floor(v)
+    d = v - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
+    return r * step
+
+
+@triton.jit
+def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
+                           EXACT_ROUND: tl.constexpr):
+    """One program per row: s = max|x| / 448; q = fp8(x / s). x: (M, K) bf16/fp16/fp32.
+    EXACT_ROUND: round in fp32 arithmetic first (Triton's CPU interpreter mis-rounds fp32 -> fp8)."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.maximum(tl.max(amax, axis=0) / 448.0, 1.1754943508222875e-38)
+    tl.store(s_ptr + row, s)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
+        if EXACT_ROUND:
+            y = _round_to_fp8_grid(y)
+        tl.store(q_ptr + row * stride_q + offs, y.to(tl.float8e4nv), mask=offs < K)
+
+
+@triton.jit
+def _w4a8_gemm_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
+    M, N, K, inv_mult,
+    stride_xm, stride_wn, stride_wsn, stride_om,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
+    out: (M, N) bf16, or fp32 accumulated atomically when SPLIT_K > 1."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    gid = pid // width
+    first_m = gid * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    offs_kh = tl.arange(0, BK // 2)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    KH = (K + 1) // 2
+
+    k_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    for t in range(t0, t1):
+        k0 = t * BK
+        kk = k0 + offs_k
+        x = tl.load(x_base + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+        kh = k0 // 2 + offs_kh
+        wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
+        wi = wb.to(tl.int8, bitcast=True)
+        lo = (wi << 4) >> 4
+        hi = wi >> 4
+        w = tl.join(lo, hi).reshape(BN, BK)
+        w8 = w.to(tl.float16).to(tl.float8e4nv)
+        if SWAP:
+            part = tl.dot(w8, tl.trans(x))
+        else:
+            part = tl.dot(x, tl.trans(w8))
+        if PER_CHANNEL:
+            acc += part
+        else:
+            s = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+            if SWAP:
+                acc += part * s[:, None]
+            else:
+                acc += part * s[None, :]
+
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
+    if PER_CHANNEL:
+        sn = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
+    if SWAP:
+        acc = acc * xs[None, :]
+        if PER_CHANNEL:
+            acc = acc * sn[:, None]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias[:, None], 0.0)
+        ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        msk = mask_m[None, :] & mask_n[:, None]
+    else:
+        acc = acc * xs[:, None]
+        if PER_CHANNEL:
+            acc = acc * sn[None, :]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias[None, :], 0.0)
+        ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        msk = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, acc, mask=msk, sem="relaxed")
+    else:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (M, K) float -> (q (M, K) fp8 e4m3, s (M, 1) fp32). Same semantics as the reference."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError("quantize_fp8_rows_triton expects a 2-D tensor with contiguous rows")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k))
+        _quant_fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
+                                     EXACT_ROUND=_interpreting(), num_warps=8 if block >= 2048 else 4)
+    return q, s
+
+
+def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                     log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+    """See reference.w4a8_gemm_ref. xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8;
+    w_scales: (N, G) fp8/bf16; bias: (N,) or None -> (M, N) out_dtype."""
+    if xq.dtype != torch.float8_e4m3fn or qweight.dtype != torch.uint8:
+        raise TypeError("w4a8_gemm_triton: xq must be float8_e4m3fn and qweight uint8")
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if qweight.shape[1] != (k + 1) // 2:
+        raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {(k + 1) // 2} for K={k}")
+    if xq.stride(1) != 1 or qweight.stride(1) != 1:
+        raise ValueError("w4a8_gemm_triton: xq and qweight rows must be contiguous")
+    if not (xq.device == qweight.device == w_scales.device == x_scale.device):
+        raise ValueError("w4a8_gemm_triton: all tensors must be on one device")
+    per_channel = group_size in (-1, 0) or group_size >= k and w_scales.shape[1] == 1
+    g = k if per_channel else group_size
+    if w_scales.shape != (n, triton.cdiv(k, g)):
+        raise ValueError(f"w_scales shape {tuple(w_scales.shape)} does not match N={n}, K={k}, group {g}")
+    cfg = dict(config or pick_config(m, n, k, -1 if per_channel else g))
+    if not per_channel and g % cfg["BK"]:
+        raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
+    split = cfg["SPLIT_K"]
+    if split > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=xq.device)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out.to(out_dtype)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
+    xs = x_scale.reshape(-1).float().contiguous()
+    _w4a8_gemm_kernel[grid](
+        xq, xs, qweight, w_scales, bias if bias is not None else xs, out,
+        m, n, k, 2.0 ** -log2_multiplier,
+        xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(0),
+        GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out.to(out_dtype) if split > 1 else out
+
+
+def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
+                       group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x.dtype: fused FP8 activation quantization, then the GEMM."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xq, xs = quantize_fp8_rows_triton(x2)
+    out = w4a8_gemm_triton(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], -1)

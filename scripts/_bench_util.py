@@ -1,0 +1,55 @@
+"""Shared helpers for the benchmark scripts: timing with rotation, environment, JSON, tables."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import platform
+
+
+def env_info() -> dict:
+    import torch
+    import triton
+
+    d = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        d.update(device=torch.cuda.get_device_name(), sms=p.multi_processor_count,
+                 l2_bytes=getattr(p, "L2_cache_size", None), capability=list(torch.cuda.get_device_capability()))
+    return d
+
+
+def copies_for(bytes_per_set: int, l2_bytes: int | None, min_sets: int = 2, max_sets: int = 32) -> int:
+    """How many input sets to rotate so that one pass over them exceeds 2x L2."""
+    l2 = l2_bytes or 50 * 2**20
+    return max(min_sets, min(max_sets, math.ceil(2 * l2 / max(1, bytes_per_set))))
+
+
+def bench_rotating(fns: list, warmup: int = 25, rep: int = 100) -> float:
+    """Median ms of calling fns in rotation (each call uses the next input set)."""
+    from triton.testing import do_bench
+
+    it = itertools.cycle(fns)
+    return do_bench(lambda: next(it)(), warmup=warmup, rep=rep, return_mode="median")
+
+
+def geomean(xs) -> float:
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    w = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.rjust(w[c]) for c in cols)]
+    lines += ["  ".join(fmt(r.get(c, "")).rjust(w[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
