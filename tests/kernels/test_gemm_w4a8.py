@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fireq.formats.int4 import quantize_int4
-from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, w4a8_gemm_triton, w4a8_linear_triton
+from fireq_kernels.gemm_w4a8 import FP8_MMA_ACC_RTOL, quantize_fp8_rows_triton, w4a8_gemm_triton, w4a8_linear_triton
 from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref, w4a8_linear_ref
 
 GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -68,7 +68,8 @@ def test_gemm_matches_float64(m, n, k, gs, cfg):
         assert torch.isfinite(got).all()
         err = (got.double() - ref).norm() / ref.norm()
         err_twin = (twin.double() - ref).norm() / ref.norm()
-        assert err <= 2 * err_twin + 1e-7, (err, err_twin)
+        # the interpreter computes the dot exactly; the GPU's FP8 MMA accumulates in ~14 bits
+        assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-7), (err, err_twin)
 
 
 def test_poisoned_output_fully_written(monkeypatch):
