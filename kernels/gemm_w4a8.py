@@ -49,30 +49,24 @@ def m_bucket(m: int) -> int:
 def gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
     """Candidate configs for a problem, pruned by its size (and the group, which caps BK)."""
     base = _gemm_configs(m, n, k, group)
-    return base + [dict(c, UNPACK_DUP=False) for c in base[:: max(1, len(base) // 6)]]
+    return base + [dict(c, DEQ16=True) for c in base]
 
 
 def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
     bk_max = 128 if group in (-1, 0) or group >= 128 else group
     out = []
     if m <= 64:
-        for bn in (64, 128, 256):
-            for bm in (16, 32, 64):
-                if bm != max(16, triton.next_power_of_2(m)):
-                    continue
-                for split in (1, 2, 4, 8):
-                    if k // bk_max < split:
-                        continue
-                    for stages in (3, 5):
-                        out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8,
-                                        num_warps=4, num_stages=stages))
+        bm = max(16, triton.next_power_of_2(m))
+        for bn in (64, 128):
+            for split in (2, 4, 8):
+                if k // bk_max >= split:
+                    out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8, num_warps=4,
+                                    num_stages=3))
     else:
-        for bm, bn, warps in ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 128, 4), (128, 64, 4)):
-            for stages in (3, 4):
-                out.append(dict(SWAP=False, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
-                                num_stages=stages))
-            out.append(dict(SWAP=True, BM=min(bm, 128), BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8,
-                            num_warps=warps, num_stages=3))
+        for swap, bm, bn, warps in ((True, 128, 64, 4), (True, 128, 128, 8), (False, 128, 128, 8),
+                                    (False, 128, 256, 8), (False, 256, 128, 8)):
+            out.append(dict(SWAP=swap, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
+                            num_stages=3))
     return out
 
 
@@ -128,10 +122,20 @@ def _round_to_fp8_grid(y):
 
 @triton.jit
 def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
-                           EXACT_ROUND: tl.constexpr):
+                           EXACT_ROUND: tl.constexpr, ONE_PASS: tl.constexpr):
     """One program per row: s = max|x| / 448; q = fp8(x / s). x: (M, K) bf16/fp16/fp32.
     EXACT_ROUND: round in fp32 arithmetic first (Triton's CPU interpreter mis-rounds fp32 -> fp8)."""
     row = tl.program_id(0).to(tl.int64)
+    if ONE_PASS:  # the whole row in registers: one read
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1.1754943508222875e-38)
+        tl.store(s_ptr + row, s)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
+        if EXACT_ROUND:
+            y = _round_to_fp8_grid(y)
+        tl.store(q_ptr + row * stride_q + offs, y.to(tl.float8e4nv), mask=offs < K)
+        return
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -155,7 +159,7 @@ def _w4a8_gemm_kernel(
     stride_xm, stride_wn, stride_wsn, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr,
+    SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) bf16, or fp32 accumulated atomically when SPLIT_K > 1."""
@@ -206,14 +210,29 @@ def _w4a8_gemm_kernel(
             lo = (wi << 4) >> 4
             hi = wi >> 4
             w = tl.join(lo, hi).reshape(BN, BK)
-        w8 = w.to(tl.float16).to(tl.float8e4nv)
-        if SWAP:
-            part = tl.dot(w8, tl.trans(x), max_num_imprecise_acc=PRECISE_ACC)
+        if DEQ16:
+            # q * s is exact in fp16 (<= 7 significant bits for FP8 scales), as is the fp8 x: the group
+            # scale rides on the operand and the MMA chain accumulates straight into acc (fp16 MMA)
+            w16 = w.to(tl.float16)
+            if not PER_CHANNEL:
+                s16 = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float16)
+                w16 = w16 * s16[:, None]
+            if SWAP:
+                acc = tl.dot(w16, tl.trans(x.to(tl.float16)), acc)
+            else:
+                acc = tl.dot(x.to(tl.float16), tl.trans(w16), acc)
+        elif PER_CHANNEL:
+            w8 = w.to(tl.float16).to(tl.float8e4nv)
+            if SWAP:
+                acc = tl.dot(w8, tl.trans(x), acc, max_num_imprecise_acc=PRECISE_ACC)
+            else:
+                acc = tl.dot(x, tl.trans(w8), acc, max_num_imprecise_acc=PRECISE_ACC)
         else:
-            part = tl.dot(x, tl.trans(w8), max_num_imprecise_acc=PRECISE_ACC)
-        if PER_CHANNEL:
-            acc += part
-        else:
+            w8 = w.to(tl.float16).to(tl.float8e4nv)
+            if SWAP:
+                part = tl.dot(w8, tl.trans(x), max_num_imprecise_acc=PRECISE_ACC)
+            else:
+                part = tl.dot(x, tl.trans(w8), max_num_imprecise_acc=PRECISE_ACC)
             s = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
             if SWAP:
                 acc += part * s[:, None]
@@ -262,9 +281,11 @@ def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(4096, triton.next_power_of_2(k))
+        one = triton.next_power_of_2(k) <= 16384
+        block = triton.next_power_of_2(k) if one else 4096
         _quant_fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
-                                     EXACT_ROUND=_interpreting(), num_warps=8 if block >= 2048 else 4)
+                                     EXACT_ROUND=_interpreting(), ONE_PASS=one,
+                                     num_warps=max(1, min(16, block // 512)))
     return q, s
 
 
@@ -305,7 +326,8 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(0),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
-        UNPACK_DUP=cfg.get("UNPACK_DUP", True), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
+        UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
+        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.to(out_dtype) if split > 1 else out

@@ -51,6 +51,8 @@ CASES = [
     (5, 48, 200, 64, _cfg(True, 3, 64)),
     (20, 72, 192, 32, _cfg(False, 1, 32)),
     (37, 64, 130, -1, _cfg(False, 1, 64)),  # per-channel, odd tile edges
+    (9, 64, 256, 128, dict(_cfg(False, 1, 128), DEQ16=True)),  # fp16-dequant path
+    (9, 64, 384, 64, dict(_cfg(True, 2, 64), DEQ16=True)),
     (16, 96, 512, 256, _cfg(True, 2, 128)),
 ]
 
