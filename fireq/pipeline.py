@@ -92,6 +92,8 @@ def run(model_arg: str | None, out_dir: str, recipe: Recipe, overwrite: bool = F
     from .data import calibration_samples, load_text, tokenize
     from .models.source import load_float_model, load_tokenizer, resolve
 
+    if recipe.w_bits != 4:
+        raise FireqError("fireq quantize writes INT4 weights: w_bits must be 4 (16 is for ablations)")
     out = check_output_dir(out_dir, overwrite)
     src = resolve(model_arg)
     if src.kind == "fireq":

@@ -28,6 +28,7 @@ class Recipe:
     name: str = "rtn"
     # weights: INT4 symmetric groups along the input dim
     method: str = "rtn"  # rounding: rtn | gptq
+    w_bits: int = 4  # 4 | 16 (weights left in float: ablations only, no packed checkpoint)
     w_group_size: int = 128  # 32 | 64 | 128 | -1 (per output channel)
     w_scale_dtype: str = "fp8"  # fp8 (with the per-tensor power-of-two multiplier) | bf16
     w_clip_search: bool = False  # search a clipping ratio of the group absmax per layer
@@ -65,6 +66,8 @@ class Recipe:
 
         if self.method not in ("rtn", "gptq"):
             bad(f"method must be rtn or gptq, got {self.method!r}")
+        if self.w_bits not in (4, 16):
+            bad(f"w_bits must be 4 or 16, got {self.w_bits}")
         if self.w_group_size not in (-1, 32, 64, 128, 256):
             bad(f"w_group_size must be one of 32, 64, 128, 256, -1 (per channel), got {self.w_group_size}")
         for k in ("w_scale_dtype", "kv_scale_dtype"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import FireqError
 from ..formats.int4 import QuantizedWeight, quantize_int4
 from ..models.registry import layer_linears
 from ..nn.linear import FakeQuantLinear, QuantLinear
@@ -36,8 +37,13 @@ def quantize_layer_linears(layer: nn.Module, recipe: Recipe, dtype: torch.dtype,
     for name, lin in layer_linears(layer).items():
         if not isinstance(lin, nn.Linear):
             continue
-        qw = quantize_weight(lin.weight, recipe, (hessians or {}).get(name))
         bias = None if lin.bias is None else lin.bias.detach()
+        if recipe.w_bits >= 16:
+            if not fake:
+                raise FireqError("w_bits 16 (float weights) is for in-memory ablations only (fake=True)")
+            _set(layer, name, FakeQuantLinear(lin.weight.detach(), bias, recipe.act_quant))
+            continue
+        qw = quantize_weight(lin.weight, recipe, (hessians or {}).get(name))
         if fake:
             new = FakeQuantLinear(qw.dequantize(lin.weight.dtype), bias, recipe.act_quant)
         else:
