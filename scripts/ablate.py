@@ -30,6 +30,7 @@ VARIANTS = [
     ("rtn + pre-RoPE", dict(pre_rope_scaling=True)),
     ("rtn + pre/post-RoPE", dict(pre_rope_scaling=True, post_rope_scaling=True)),
     ("rtn + pre-RoPE + asymmetric KV4", dict(pre_rope_scaling=True, kv_symmetric=False)),
+    ("gptq + pre-RoPE", dict(method="gptq", pre_rope_scaling=True)),
 ]
 
 
