@@ -48,17 +48,21 @@ def _eval(model: str, tmp_path, name: str) -> dict:
     return res
 
 
-def test_fp_and_rtn_perplexity(gguf, rtn_ckpt, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def rtn_eval(rtn_ckpt, tmp_path_factory):
+    return _eval(str(rtn_ckpt), tmp_path_factory.mktemp("eval"), "rtn")
+
+
+def test_fp_and_rtn_perplexity(gguf, rtn_eval, tmp_path, capsys):
     fp = _eval(gguf, tmp_path, "fp")
-    q = _eval(str(rtn_ckpt), tmp_path, "rtn")
+    q = rtn_eval
     with capsys.disabled():
         print(f"\nSmolLM2 40x512: FP {fp['perplexity']:.3f}  RTN W4A8KV4 {q['perplexity']:.3f}")
     assert abs(fp["perplexity"] - 29.19) <= 0.3
     assert math.isfinite(q["perplexity"]) and q["perplexity"] > fp["perplexity"]
 
 
-def test_packed_equals_fake_quant(gguf, rtn_ckpt, capsys):
-    import fireq
+def test_packed_equals_fake_quant(gguf, rtn_eval, capsys):
     from fireq import recipe as recipes
     from fireq.data import load_text, tokenize
     from fireq.evaluate.perplexity import perplexity
@@ -75,7 +79,7 @@ def test_packed_equals_fake_quant(gguf, rtn_ckpt, capsys):
                 p.copy_(p.to(torch.bfloat16).float())
     quantize_model(fake, recipes.load("rtn"), fake=True)
     p_fake = perplexity(fake, ids, SEQLEN, WINDOWS)["perplexity"]
-    p_packed = perplexity(fireq.load(rtn_ckpt), ids, SEQLEN, WINDOWS)["perplexity"]
+    p_packed = rtn_eval["perplexity"]  # `fireq eval` of the packed checkpoint
     with capsys.disabled():
         print(f"\nSmolLM2 RTN: packed {p_packed:.4f}  fake-quant {p_fake:.4f}")
     assert abs(p_packed - p_fake) / p_fake < 0.005
