@@ -25,6 +25,8 @@ def _k(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, MODE: tl.constexpr, BM: tl.conste
     offs_k = tl.arange(0, BK)
     offs_kh = tl.arange(0, BK // 2)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    prev = tl.zeros((BM, BN), dtype=tl.float32)
+    s_prev = tl.zeros((BN,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :])
         if MODE == 0:
@@ -37,9 +39,21 @@ def _k(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, MODE: tl.constexpr, BM: tl.conste
             w8 = w.to(tl.float16).to(tl.float8e4nv)
             if MODE == 1:
                 acc = tl.dot(x, tl.trans(w8), acc)
-            else:
+            elif MODE == 2:
                 s = tl.load(ws_ptr + offs_n * (K // 128) + k0 // 128).to(tl.float32)
                 acc += tl.dot(x, tl.trans(w8)) * s[None, :]
+            elif MODE == 3:  # deferred: scale-add the previous tile's product after issuing this one
+                s = tl.load(ws_ptr + offs_n * (K // 128) + k0 // 128).to(tl.float32)
+                part = tl.dot(x, tl.trans(w8))
+                acc += prev * s_prev[None, :]
+                prev = part
+                s_prev = s
+            else:  # fp16 operands with the scale folded into the weight, chained accumulator
+                s = tl.load(ws_ptr + offs_n * (K // 128) + k0 // 128).to(tl.float16)
+                w16 = w.to(tl.float16) * s[:, None]
+                acc = tl.dot(x.to(tl.float16), tl.trans(w16), acc)
+    if MODE == 3:
+        acc += prev * s_prev[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16))
 
 
@@ -55,7 +69,8 @@ def main():
     xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     t = do_bench(lambda: xb @ wb.t(), return_mode="median")
     print(f"cuBLAS bf16: {flops / t / 1e9:.0f} TFLOP/s")
-    for mode, name in ((0, "fp8 weights, chained acc"), (1, "int4 unpack, chained acc"), (2, "int4 + group scale")):
+    for mode, name in ((0, "fp8 weights, chained acc"), (1, "int4 unpack, chained acc"), (2, "int4 + group scale"),
+                       (3, "int4 + deferred group scale"), (4, "int4 -> fp16*scale, chained")):
         for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4),
                                           (256, 128, 128, 8, 3)):
             try:
