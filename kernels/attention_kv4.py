@@ -1,0 +1,254 @@
+"""Attention over the INT4 KV cache with FP8 queries and an optional low-rank bias (FlashBias), in Triton.
+
+Inputs (the cache format of fireq.formats.kv, head-major):
+  q: (B, Hq, Lq, D) float8_e4m3fn with q_scale (B, Hq, Lq) fp32     (per token per head)
+  k, v: (B, Hkv, Lk, D/2) uint8 codes (two a byte along D, even d low; symmetric: two's complement,
+        asymmetric: unsigned with zero points), k_scale, v_scale: (B, Hkv, Lk, D/G) fp8 or bf16,
+        k_zero, v_zero: (B, Hkv, Lk, D/G) uint8 or None
+  q_bias: (B, Hq, Lq, R), k_bias: (B, Hkv or 1, Lk, R) (FlashBias factors, R <= 64) or None
+Output: (B, Hq, Lq, D) in out_dtype, = softmax(q k^T * scale + q_bias k_bias^T + mask) v with
+  causal: query i (at absolute position Lk - Lq + i) sees keys j <= its position;
+  window W > 0: and keys with position > query position - W (Gemma 3's local layers).
+
+Schedule: one program per (batch, KV head, block of BM rows, KV split). The rows are the Lq x (Hq/Hkv)
+(query, head) pairs of one GQA group, so K and V tiles are read once for the whole group (decode reads
+each KV head's cache once). Q.K^T is an FP8 tensor-core product per channel group with the key scales
+applied to the scores; P.V multiplies P (scaled by V's per-token scales) in fp16 with V's integer codes
+(exact in fp16). Online softmax in fp32 (exp2). With SPLITS > 1 (decode), each split writes a partial
+output and its log-sum-exp, combined by a second small kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _unpack(codes, SYM: tl.constexpr, BN: tl.constexpr, DH: tl.constexpr):
+    """(BN, DH) uint8 -> (BN, 2*DH) int8 (two's complement nibbles, or unsigned 0..15)."""
+    wi = codes.to(tl.int8, bitcast=True)
+    if SYM:
+        lo = (wi << 4) >> 4
+        hi = wi >> 4
+    else:
+        lo = wi & 0xF
+        hi = (wi >> 4) & 0xF
+    return tl.join(lo, hi).reshape(BN, 2 * DH)
+
+
+@triton.jit
+def _attn_fwd(
+    q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
+    out_ptr, lse_ptr,
+    Lq, Lk, sm_scale, window,
+    s_qb, s_qh, s_ql, s_qsb, s_qsh,
+    s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl,
+    s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
+    s_ob, s_oh, s_ol, s_os,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    REP: tl.constexpr = HQ // HKV
+    NG: tl.constexpr = D // G
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // HKV
+    hk = bh % HKV
+
+    rows = pid_m * BM + tl.arange(0, BM)  # flattened (query position, head in group)
+    qpos = rows // REP
+    hq = hk * REP + rows % REP
+    row_ok = qpos < Lq
+    abs_q = Lk - Lq + qpos  # absolute position of each query
+
+    # key range of this split (and, when causal, of this block of queries)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, Lk - Lq + (pid_m * BM + BM - 1) // REP + 1)
+    lo_w = tl.maximum(0, Lk - Lq + (pid_m * BM) // REP - window + 1)
+    lo = tl.where(window > 0, (lo_w // BN) * BN, 0)
+    per = tl.cdiv(tl.cdiv(hi - lo, BN), SPLITS) * BN
+    k_lo = lo + split * per
+    k_hi = tl.minimum(hi, k_lo + per)
+
+    qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
+    qk_scale = qs * (sm_scale * 1.4426950408889634)  # per row, in log2 units
+    offs_g = tl.arange(0, G)
+    offs_gh = tl.arange(0, G // 2)
+    offs_d = tl.arange(0, D)
+    offs_dh = tl.arange(0, D // 2)
+    if HAS_BIAS:
+        offs_r = tl.arange(0, R)
+        qb = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float16)
+
+    m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, D), dtype=tl.float32)
+    kbase = b * s_kb + hk * s_kh
+    sbase = b * s_ksb + hk * s_ksh
+    for start in range(k_lo, k_hi, BN):
+        kpos = start + tl.arange(0, BN)
+        k_ok = kpos < k_hi
+        s = tl.zeros((BM, BN), dtype=tl.float32)
+        for gi in tl.static_range(NG):
+            qg = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_g[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
+                         mask=k_ok[:, None], other=0)
+            kq = _unpack(kc, SYM, BN, G // 2)
+            if not SYM:
+                kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0).to(tl.int8)
+                kq = kq - kz[:, None]
+            k8 = kq.to(tl.float16).to(tl.float8e4nv)
+            ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
+            s += tl.dot(qg, tl.trans(k8)) * ksc[None, :]
+        s = s * qk_scale[:, None]
+        if HAS_BIAS:
+            kb = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
+                         mask=k_ok[:, None], other=0.0).to(tl.float16)
+            s += tl.dot(qb, tl.trans(kb)) * 1.4426950408889634
+        keep = k_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (kpos[None, :] <= abs_q[:, None])
+        if window > 0:
+            keep = keep & (kpos[None, :] > abs_q[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16
+        vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
+        vq = _unpack(vc, SYM, BN, D // 2)
+        if not SYM:
+            vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + (offs_d // G)[None, :], mask=k_ok[:, None],
+                         other=0).to(tl.int8)
+            vq = vq - vz
+        if NG == 1:
+            vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+            pv = (p * vsc[None, :]).to(tl.float16)
+            acc += tl.dot(pv, vq.to(tl.float16))
+        else:
+            vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + (offs_d // G)[None, :], mask=k_ok[:, None],
+                          other=0.0).to(tl.float32)
+            acc += tl.dot(p.to(tl.float16), (vq.to(tl.float32) * vsc).to(tl.float16))
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + split * s_os + offs_d[None, :]
+    tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if SPLITS > 1:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_ol, Lq,
+             HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
+    """out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one program per (b, h, q)."""
+    pid = tl.program_id(0)
+    qpos = pid % Lq
+    bh = pid // Lq
+    b = bh // HQ
+    h = bh % HQ
+    offs_s = tl.arange(0, SP2)
+    offs_d = tl.arange(0, D)
+    s_ok = offs_s < SPLITS
+    lse = tl.load(lse_ptr + pid * SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    part = tl.load(part_ptr + b * s_pb + h * s_ph + qpos * s_pl + offs_s[:, None] * s_ps + offs_d[None, :],
+                   mask=s_ok[:, None], other=0.0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    tl.store(out_ptr + b * s_ob + h * s_oh + qpos * s_ol + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
+                         v: torch.Tensor, v_scale: torch.Tensor, sm_scale: float, causal: bool = True,
+                         window: int = 0, k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,
+                         q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
+                         out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
+                         block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                         num_stages: int = 2) -> torch.Tensor:
+    """See the module docstring for shapes. Returns (B, Hq, Lq, D)."""
+    bsz, hq, lq, d = q8.shape
+    _, hkv, lk, dh = k.shape
+    if q8.dtype != torch.float8_e4m3fn or k.dtype != torch.uint8 or v.dtype != torch.uint8:
+        raise TypeError("kv4_attention_triton: q must be float8_e4m3fn, k and v uint8 codes")
+    if dh * 2 != d or v.shape != k.shape or hq % hkv:
+        raise ValueError("kv4_attention_triton: shapes of q, k, v do not match (D/2 codes a token, Hq % Hkv == 0)")
+    ng = k_scale.shape[-1]
+    if k_scale.shape != (bsz, hkv, lk, ng) or v_scale.shape != k_scale.shape or d % ng:
+        raise ValueError("kv4_attention_triton: k_scale/v_scale must be (B, Hkv, Lk, D/G)")
+    g = d // ng
+    sym = k_zero is None
+    if (k_zero is None) != (v_zero is None):
+        raise ValueError("kv4_attention_triton: give both zero points or neither")
+    for t in (k, v, k_scale, v_scale):
+        if t.stride(-1) != 1:
+            raise ValueError("kv4_attention_triton: cache tensors must be contiguous in their last dim")
+    if k_scale.stride() != v_scale.stride() or k.stride() != v.stride():
+        raise ValueError("kv4_attention_triton: K and V caches must share strides")
+    rep = hq // hkv
+    has_bias = q_bias is not None
+    r = 16
+    if has_bias:
+        r0 = q_bias.shape[-1]
+        if k_bias is None or k_bias.shape[-1] != r0 or k_bias.shape[1] not in (1, hkv):
+            raise ValueError("kv4_attention_triton: k_bias must be (B, Hkv or 1, Lk, R) matching q_bias's R")
+        r = max(16, triton.next_power_of_2(r0))
+        if r != r0:
+            q_bias = torch.nn.functional.pad(q_bias, (0, r - r0))
+            k_bias = torch.nn.functional.pad(k_bias, (0, r - r0))
+    rows = lq * rep
+    bm = block_m or (16 if rows <= 16 else 64 if rows <= 64 else 128)
+    bn = block_n or (64 if d > 128 else 128)
+    if splits is None:
+        blocks = triton.cdiv(rows, bm) * bsz * hkv
+        splits = 1
+        while blocks * splits < 264 and splits < 64 and lk >= 2 * splits * bn * 2:
+            splits *= 2
+    q_scale = q_scale.float().contiguous()
+    dev = q8.device
+    if splits > 1:
+        part = torch.empty((bsz, hq, lq, splits, d), dtype=torch.float32, device=dev)
+        lse = torch.empty((bsz, hq, lq, splits), dtype=torch.float32, device=dev)
+        o, so = part, (part.stride(0), part.stride(1), part.stride(2), part.stride(3))
+    else:
+        out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
+        lse = out
+        o, so = out, (out.stride(0), out.stride(1), out.stride(2), 0)
+    kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
+    dummy = q_scale
+    grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
+    _attn_fwd[grid](
+        q8, q_scale, k, k_scale, k_zero if not sym else dummy, v, v_scale, v_zero if not sym else dummy,
+        q_bias if has_bias else dummy, k_bias if has_bias else dummy, o, lse,
+        lq, lk, sm_scale, window,
+        q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))
+                                                              if has_bias else (0, 0, 0)),
+        *so,
+        HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, BM=bm, BN=bn,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits == 1:
+        return out
+    out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
+    _combine[(bsz * hq * lq,)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+                               out.stride(0), out.stride(1), out.stride(2), lq, HQ=hq, D=d, SPLITS=splits,
+                               SP2=triton.next_power_of_2(splits))
+    return out

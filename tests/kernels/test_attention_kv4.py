@@ -1,0 +1,122 @@
+"""The Triton INT4-KV attention against float64 references on the same quantized operands.
+
+Interpreter (CPU) at small sizes, native on an FP8 GPU. Error within 2x of the PyTorch twin's (which
+computes in float32 from the dequantized operands), plus the GPU's FP8/fp16 MMA rounding of P."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fireq.formats.fp8 import quantize_fp8_rows
+from fireq.formats.kv import KVSpec, dequantize_kv, quantize_kv
+from fireq_kernels.attention_kv4 import kv4_attention_triton
+from fireq_kernels.bias import alibi_factors, alibi_dense, factor_bias
+from fireq_kernels.reference import kv4_attention_ref
+
+GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+DEV = "cuda" if GPU else "cpu"
+if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs an FP8 GPU or TRITON_INTERPRET=1", allow_module_level=True)
+# P goes through fp16 (p * v_scale) before the P.V product: ~2^-11 relative per term
+P_RTOL = 2.0**-10
+
+
+def _mask(lq, lk, causal, window):
+    qpos = torch.arange(lq)[:, None] + (lk - lq)
+    kpos = torch.arange(lk)[None, :]
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if causal:
+        keep &= kpos <= qpos
+    if window:
+        keep &= kpos > qpos - window
+    return keep
+
+
+def _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g) * 2
+    k = torch.randn(b, hkv, lk, d, generator=g) * 2
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    q8, qs = quantize_fp8_rows(q)
+    qk, qv = quantize_kv(k, spec), quantize_kv(v, spec)
+    qb = kb = None
+    if bias_r:
+        qb = torch.randn(b, hq, lq, bias_r, generator=g)
+        kb = torch.randn(b, hkv, lk, bias_r, generator=g) * 0.3
+    return q8, qs, qk, qv, qb, kb
+
+
+def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0):
+    q8, qs, qk, qv, qb, kb = _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r)
+    scale = 1 / math.sqrt(d)
+    qd = q8.double() * qs.double()
+    kd = dequantize_kv(qk, d, spec, torch.float64)
+    vd = dequantize_kv(qv, d, spec, torch.float64)
+    mask = _mask(lq, lk, causal, window)
+    ref = kv4_attention_ref(qd, kd, vd, scale, mask, None if qb is None else qb.double(),
+                            None if kb is None else kb.double(), acc_dtype=torch.float64)
+    twin = kv4_attention_ref(qd.float(), kd.float(), vd.float(), scale, mask, qb, kb)
+    dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
+                               qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, dv(qk.zeros),
+                               dv(qv.zeros), dv(qb), dv(kb), out_dtype=torch.float32, splits=splits,
+                               block_m=16, block_n=16 if not GPU else 64).cpu()
+    assert torch.isfinite(got).all()
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
+    assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
+
+
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d", [(1, 2, 2, 24, 24, 32), (2, 4, 1, 20, 20, 16), (1, 6, 2, 1, 40, 32),
+                                             (1, 4, 2, 3, 37, 64)])
+@pytest.mark.parametrize("causal,window", [(True, 0), (False, 0), (True, 7)])
+def test_attention_masks_gqa(b, hq, hkv, lq, lk, d, causal, window):
+    _run(b, hq, hkv, lq, lk, d, KVSpec(), causal, window, 1, seed=lq + lk + d)
+
+
+@pytest.mark.parametrize("spec", [KVSpec(symmetric=False), KVSpec(group_size=16), KVSpec(scale_dtype="bf16"),
+                                  KVSpec(group_size=16, symmetric=False)])
+def test_attention_kv_formats(spec):
+    _run(1, 4, 2, 18, 18, 32, spec, True, 0, 1, seed=3)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_decode_split_kv(splits):
+    _run(2, 8, 2, 1, 50, 32, KVSpec(), True, 0, splits, seed=splits)
+    _run(1, 4, 1, 2, 45, 32, KVSpec(), True, 0, splits, seed=10 + splits)  # speculative: Lq = 2
+
+
+def test_flashbias_factors():
+    _run(1, 4, 2, 20, 20, 32, KVSpec(), True, 0, 1, seed=4, bias_r=4)
+    _run(1, 4, 2, 1, 33, 32, KVSpec(), True, 0, 2, seed=5, bias_r=2)
+
+
+def test_alibi_factors_equal_dense_bias():
+    b, hq, lq, lk = 1, 4, 9, 9
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    qb, kb = alibi_factors(slopes, lq, lk)
+    dense = alibi_dense(slopes, lq, lk)
+    assert torch.allclose(qb @ kb.transpose(-1, -2), dense, atol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, hq, lq, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hq, lk, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hq, lk, 16, generator=g, dtype=torch.float64)
+    a = kv4_attention_ref(q, k, v, 0.25, _mask(lq, lk, True, 0), qb[None].expand(b, -1, -1, -1),
+                          kb[None].expand(b, hq, -1, -1), acc_dtype=torch.float64)
+    d = kv4_attention_ref(q, k, v, 0.25, dense[None] + torch.where(_mask(lq, lk, True, 0), 0.0, float("-inf")),
+                          acc_dtype=torch.float64)
+    assert torch.allclose(a, d, atol=1e-12)
+
+
+def test_svd_factorization_reports_error():
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    bias = u @ w.t() + 1e-3 * torch.randn(30, 40, generator=g, dtype=torch.float64)
+    pq, pk, err = factor_bias(bias, energy=0.999)
+    assert pq.shape[1] == pk.shape[1] <= 4
+    assert err == pytest.approx(((pq @ pk.t() - bias).norm() / bias.norm()).item(), rel=1e-9) and err < 0.01
