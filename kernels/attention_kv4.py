@@ -88,7 +88,7 @@ def _attn_fwd(
     if HAS_BIAS:
         offs_r = tl.arange(0, R)
         qb = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
-                     mask=row_ok[:, None], other=0.0).to(tl.float16)
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
 
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -114,8 +114,9 @@ def _attn_fwd(
         s = s * qk_scale[:, None]
         if HAS_BIAS:
             kb = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
-                         mask=k_ok[:, None], other=0.0).to(tl.float16)
-            s += tl.dot(qb, tl.trans(kb)) * 1.4426950408889634
+                         mask=k_ok[:, None], other=0.0).to(tl.float32)
+            # fp32 with IEEE products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
+            s += tl.dot(qb, tl.trans(kb), input_precision="ieee") * 1.4426950408889634
         keep = k_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (kpos[None, :] <= abs_q[:, None])
@@ -193,6 +194,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     if k_scale.shape != (bsz, hkv, lk, ng) or v_scale.shape != k_scale.shape or d % ng:
         raise ValueError("kv4_attention_triton: k_scale/v_scale must be (B, Hkv, Lk, D/G)")
     g = d // ng
+    if q8.is_cuda and g < 32:
+        raise ValueError(f"kv4_attention_triton: KV groups of {g} channels; FP8 tensor cores need >= 32")
     sym = k_zero is None
     if (k_zero is None) != (v_zero is None):
         raise ValueError("kv4_attention_triton: give both zero points or neither")

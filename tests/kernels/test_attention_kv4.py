@@ -51,6 +51,10 @@ def _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r=0):
 
 
 def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0):
+    if GPU:  # FP8 tensor-core products need >= 32 channels a group
+        d = max(d, 64)
+        if spec.group_size not in (-1, 0):
+            spec = KVSpec(spec.bits, max(spec.group_size, 32), spec.symmetric, spec.scale_dtype)
     q8, qs, qk, qv, qb, kb = _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r)
     scale = 1 / math.sqrt(d)
     qd = q8.double() * qs.double()
