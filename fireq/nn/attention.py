@@ -59,6 +59,8 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     aq: AttentionQuant | None = getattr(module, "fireq_attn", None)
+    if aq is not None and _kernel_ok(module, query, key, attention_mask, aq, kwargs):
+        return _kernel_forward(module, query, key, value, scaling, aq, kwargs)
     if aq is not None:
         if not getattr(key, _MARK, False):
             key = _scale_keys(module, key)
@@ -70,6 +72,39 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
             query = fake_quantize_fp8_rows(query)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def _kernel_ok(module, query, key, attention_mask, aq: AttentionQuant, kwargs) -> bool:
+    """The Triton kernel serves CUDA FP8 GPUs when the mask is plain causal (no padding: transformers
+    passes None then) and K/V are INT4 with >= 32-channel groups; anything else takes the reference path."""
+    if not query.is_cuda or attention_mask is not None or aq.kv.bits != 4 or not aq.query_fp8:
+        return False
+    if kwargs.get("softcap") is not None or query.shape[-1] % 32 or aq.kv.group(query.shape[-1]) < 32:
+        return False
+    from fireq_kernels.ops import triton_fp8_capable
+
+    return triton_fp8_capable(query.device)
+
+
+def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwargs):
+    from fireq_kernels.attention_kv4 import kv4_attention_triton
+
+    from ..formats.fp8 import quantize_fp8_rows
+
+    packed = getattr(key, "_fireq_packed", None)
+    if packed is None:  # no INT4 cache: quantize this call's K and V
+        qk = quantize_kv(_scale_keys(module, key), aq.kv)
+        qv = quantize_kv(value, aq.kv)
+    else:
+        qk, qv = packed
+    q = _unscale_queries(module, query)
+    q8, qs = quantize_fp8_rows(q)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale,
+                               causal=getattr(module, "is_causal", True), window=int(window), k_zero=qk.zeros,
+                               v_zero=qv.zeros, out_dtype=query.dtype)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
@@ -121,6 +156,7 @@ def _make_layer_class():
             v = dequantize_kv(self.qv, self.head_dim, spec, self.dtype)
             setattr(k, _MARK, True)
             setattr(v, _MARK, True)
+            setattr(k, "_fireq_packed", (self.qk, self.qv))
             return k, v
 
         def get_seq_length(self) -> int:
