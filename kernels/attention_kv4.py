@@ -52,7 +52,7 @@ def _attn_fwd(
     s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
     s_ob, s_oh, s_ol, s_os,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-    SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr,
+    SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
@@ -85,7 +85,7 @@ def _attn_fwd(
     offs_gh = tl.arange(0, G // 2)
     offs_d = tl.arange(0, D)
     offs_dh = tl.arange(0, D // 2)
-    if HAS_BIAS:
+    if HAS_BIAS and RT > 8:
         offs_r = tl.arange(0, R)
         qb = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
                      mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -113,10 +113,18 @@ def _attn_fwd(
             s += tl.dot(qg, tl.trans(k8)) * ksc[None, :]
         s = s * qk_scale[:, None]
         if HAS_BIAS:
-            kb = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
-                         mask=k_ok[:, None], other=0.0).to(tl.float32)
-            # fp32 with IEEE products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
-            s += tl.dot(qb, tl.trans(kb), input_precision="ieee") * 1.4426950408889634
+            # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
+            if RT <= 8:  # a few rank-1 updates of the score tile
+                for r in tl.static_range(RT):
+                    qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
+                                  other=0.0).to(tl.float32)
+                    kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
+                                  other=0.0).to(tl.float32)
+                    s += (qbr * 1.4426950408889634)[:, None] * kbr[None, :]
+            else:
+                kb = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
+                             mask=k_ok[:, None], other=0.0).to(tl.float32)
+                s += tl.dot(qb, tl.trans(kb), input_precision="ieee") * 1.4426950408889634
         keep = k_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (kpos[None, :] <= abs_q[:, None])
@@ -206,13 +214,13 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         raise ValueError("kv4_attention_triton: K and V caches must share strides")
     rep = hq // hkv
     has_bias = q_bias is not None
-    r = 16
+    r, rt = 16, 0
     if has_bias:
-        r0 = q_bias.shape[-1]
+        r0 = rt = q_bias.shape[-1]
         if k_bias is None or k_bias.shape[-1] != r0 or k_bias.shape[1] not in (1, hkv):
             raise ValueError("kv4_attention_triton: k_bias must be (B, Hkv or 1, Lk, R) matching q_bias's R")
         r = max(16, triton.next_power_of_2(r0))
-        if r != r0:
+        if r != r0 and r0 > 8:
             q_bias = torch.nn.functional.pad(q_bias, (0, r - r0))
             k_bias = torch.nn.functional.pad(k_bias, (0, r - r0))
     rows = lq * rep
@@ -245,7 +253,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))
                                                               if has_bias else (0, 0, 0)),
         *so,
-        HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, BM=bm, BN=bn,
+        HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:

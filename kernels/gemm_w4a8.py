@@ -13,8 +13,8 @@ groups: BK divides G, or G = K for per-channel); the per-token scale, 2^-e and t
 Two schedules, chosen by M:
 - SWAP (decode and small M): out^T = W X^T, so the freshly converted weight tile is the MMA's first,
   register-side operand and tokens fill the narrow side of the MMA (down to 16). With SPLIT_K > 1 the
-  K range is split over programs that atomically add FP32 partials, so a single token row still
-  streams the whole weight over every SM.
+  K range is split over programs that write FP32 partials, summed in a fixed order (deterministic),
+  so a single token row still streams the whole weight over every SM.
 - plain (prefill): (BM, BN) output tiles over a grouped ordering for L2 reuse, software pipelined.
 
 Config lists come from functions below; winners per (bucketed M, N, K) for a GPU can be saved as JSON
@@ -162,7 +162,8 @@ def _w4a8_gemm_kernel(
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
-    out: (M, N) bf16, or fp32 accumulated atomically when SPLIT_K > 1."""
+    out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
+    order afterwards, so results are deterministic)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -261,7 +262,7 @@ def _w4a8_gemm_kernel(
         ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         msk = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
-        tl.atomic_add(ptrs, acc, mask=msk, sem="relaxed")
+        tl.store(ptrs + pid_k.to(tl.int64) * M * stride_om, acc, mask=msk)
     else:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
 
@@ -313,24 +314,24 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
     split = cfg["SPLIT_K"]
     if split > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=xq.device)
+        out = torch.empty((split, m, n), dtype=torch.float32, device=xq.device)
     else:
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0:
-        return out.to(out_dtype)
+        return torch.empty((0, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
     xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemm_kernel[grid](
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out,
         m, n, k, 2.0 ** -log2_multiplier,
-        xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(0),
+        xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(-2),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out.to(out_dtype) if split > 1 else out
+    return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 else out
 
 
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
