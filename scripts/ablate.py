@@ -31,6 +31,12 @@ VARIANTS = [
     ("rtn + pre/post-RoPE", dict(pre_rope_scaling=True, post_rope_scaling=True)),
     ("rtn + pre-RoPE + asymmetric KV4", dict(pre_rope_scaling=True, kv_symmetric=False)),
     ("gptq + pre-RoPE", dict(method="gptq", pre_rope_scaling=True)),
+    ("KV path + pre/post-RoPE + asymmetric KV4", dict(w_bits=16, pre_rope_scaling=True, post_rope_scaling=True,
+                                                       kv_symmetric=False)),
+    ("rtn + pre/post-RoPE + asymmetric KV4", dict(pre_rope_scaling=True, post_rope_scaling=True,
+                                                  kv_symmetric=False)),
+    ("gptq + pre/post-RoPE + asymmetric KV4", dict(method="gptq", pre_rope_scaling=True, post_rope_scaling=True,
+                                                   kv_symmetric=False)),
 ]
 
 
