@@ -14,14 +14,14 @@ from torch import nn
 
 from . import transform
 from .calibrate.layerwise import capture_inputs, run_layer
-from .calibrate.stats import collect
+from .calibrate.stats import collect, collect_hessians
 from .errors import FireqError
 from .models.registry import arch_of, decoder_layers
 from .nn import attention
 from .nn.attention import AttentionQuant
 from .formats.kv import KVSpec
 from .progress import progress
-from .quantize.linear import quantize_layer_linears
+from .quantize.linear import SEQUENTIAL_GROUPS, quantize_layer_linears
 from .recipe import Recipe
 
 
@@ -74,11 +74,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
         layer = layers[i].to(device)
         stats = None
         if calibrate:
-            stats = collect(layer, inputs, cap.kwargs[i], device, hessians=recipe.method == "gptq",
+            stats = collect(layer, inputs, cap.kwargs[i], device, hessians=False,
                             head_dim=head_dim, n_kv_heads=config.num_key_value_heads)
         extras = transform.apply(layer, stats, recipe, arch, config)
-        quantize_layer_linears(layer, recipe, dtype, stats.hessian if stats else None, fake=fake)
         attention.attach(layer.self_attn, aq, extras.get("k_post_scale"))
+        if recipe.method == "gptq" and calibrate:
+            # true-sequential: each group's Hessian comes from inputs through the already-quantized
+            # groups before it (and the INT4 KV attention), FP8-quantized as the kernel will see them
+            for group in SEQUENTIAL_GROUPS:
+                hs = collect_hessians(layer, inputs, cap.kwargs[i], device, list(group), recipe.act_quant)
+                quantize_layer_linears(layer, recipe, dtype, hs, fake=fake, only=group)
+        else:
+            quantize_layer_linears(layer, recipe, dtype, None, fake=fake)
         if calibrate and i + 1 < len(layers):
             inputs = run_layer(layer, inputs, cap.kwargs[i], device)
         layers[i] = layer.to("cpu")

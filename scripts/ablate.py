@@ -37,6 +37,8 @@ VARIANTS = [
                                                   kv_symmetric=False)),
     ("gptq + pre/post-RoPE + asymmetric KV4", dict(method="gptq", pre_rope_scaling=True, post_rope_scaling=True,
                                                    kv_symmetric=False)),
+    ("weights only, GPTQ (true-sequential, FP8-input Hessians)", dict(method="gptq", act_quant=False,
+                                                                      query_fp8=False, kv_bits=16)),
 ]
 
 

@@ -37,6 +37,42 @@ def _amax(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def collect_hessians(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, names: list[str],
+                     fp8_inputs: bool) -> dict[str, torch.Tensor]:
+    """H = X X^T / n for the linears `names` of the layer in its current state (earlier linears may
+    already be quantized). fp8_inputs: X is the per-token FP8 quantization of the input, which is what
+    the quantized linear will multiply at run time."""
+    from ..formats.fp8 import fake_quantize_fp8_rows
+    from .layerwise import _to
+
+    lins = layer_linears(layer)
+    hs: dict[str, torch.Tensor] = {}
+    count = [0]
+    hooks = []
+
+    def hook(name):
+        def f(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if fp8_inputs:
+                x = fake_quantize_fp8_rows(x)
+            h = (x.double().t() @ x.double()).cpu()
+            hs[name] = h if name not in hs else hs[name] + h
+        return f
+
+    for n in names:
+        hooks.append(lins[n].register_forward_pre_hook(hook(n)))
+    kw = _to(kwargs, device)
+    try:
+        for x in inputs:
+            layer(x.to(device), **kw)
+            count[0] += x.shape[0] * x.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / count[0] for k, v in hs.items()}
+
+
+@torch.no_grad()
 def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, *, hessians: bool,
             head_dim: int, n_kv_heads: int) -> LayerStats:
     """Run the float layer on `inputs` and collect LayerStats."""

@@ -28,14 +28,19 @@ def quantize_weight(weight: torch.Tensor, recipe: Recipe, hessian: torch.Tensor 
     return quantize_int4(weight.detach().float(), recipe.w_group_size, recipe.w_scale_dtype)
 
 
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
 def quantize_layer_linears(layer: nn.Module, recipe: Recipe, dtype: torch.dtype,
-                           hessians: dict[str, torch.Tensor] | None = None, fake: bool = False) -> None:
+                           hessians: dict[str, torch.Tensor] | None = None, fake: bool = False,
+                           only: tuple[str, ...] | None = None) -> None:
     """Replace every nn.Linear of the layer (q/k/v/o, gate/up/down) in place.
 
     fake=True puts FakeQuantLinear (dequantized float weights) instead: the quantize-dequantize twin.
     """
     for name, lin in layer_linears(layer).items():
-        if not isinstance(lin, nn.Linear):
+        if not isinstance(lin, nn.Linear) or (only is not None and name not in only):
             continue
         bias = None if lin.bias is None else lin.bias.detach()
         if recipe.w_bits >= 16:
