@@ -85,7 +85,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
                 hs = collect_hessians(layer, inputs, cap.kwargs[i], device, list(group), recipe.act_quant)
                 quantize_layer_linears(layer, recipe, dtype, hs, fake=fake, only=group)
         else:
-            quantize_layer_linears(layer, recipe, dtype, None, fake=fake)
+            quantize_layer_linears(layer, recipe, dtype, None, fake=fake, act_sq=stats.act_sq if stats else None)
         if calibrate and i + 1 < len(layers):
             inputs = run_layer(layer, inputs, cap.kwargs[i], device)
         layers[i] = layer.to("cpu")

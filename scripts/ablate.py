@@ -39,6 +39,13 @@ VARIANTS = [
                                                    kv_symmetric=False)),
     ("weights only, GPTQ (true-sequential, FP8-input Hessians)", dict(method="gptq", act_quant=False,
                                                                       query_fp8=False, kv_bits=16)),
+    ("rtn + clip search + pre/post-RoPE", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True)),
+    ("rtn + SmoothQuant a=0.5 + pre/post-RoPE", dict(smooth_alpha=0.5, pre_rope_scaling=True,
+                                                    post_rope_scaling=True)),
+    ("rtn + FireQ channel scaling + pre/post-RoPE", dict(channel_scaling=True, pre_rope_scaling=True,
+                                                        post_rope_scaling=True)),
+    ("gptq + pre/post-RoPE", dict(method="gptq", pre_rope_scaling=True, post_rope_scaling=True)),
+    ("weights only, RTN", dict(act_quant=False, query_fp8=False, kv_bits=16)),
 ]
 
 

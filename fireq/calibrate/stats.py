@@ -20,6 +20,7 @@ from ..models.registry import layer_linears
 @dataclass
 class LayerStats:
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # (K,) sum of x_k^2 (clip search)
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     key_absmax: torch.Tensor | None = None
@@ -85,6 +86,8 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
         def f(mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             st.act_absmax[name] = _amax(st.act_absmax.get(name), x.abs().amax(0).cpu())
+            sq = (x.double() ** 2).sum(0).cpu()
+            st.act_sq[name] = sq if name not in st.act_sq else st.act_sq[name] + sq
             if hessians:
                 h = (x.double().t() @ x.double()).cpu()
                 st.hessian[name] = h if name not in st.hessian else st.hessian[name] + h

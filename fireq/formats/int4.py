@@ -148,12 +148,40 @@ def search_log2_multiplier(w: torch.Tensor, group_size: int) -> int:
     return best_e
 
 
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def search_clip(w: torch.Tensor, group_size: int, scale_dtype: str, log2_multiplier: int,
+                channel_weight: torch.Tensor) -> torch.Tensor:
+    """Per-group clipping ratio of the absmax (from CLIP_RATIOS) minimizing the input-weighted error
+    sum_k E[x_k^2] (W_nk - W_hat_nk)^2 of each group. channel_weight: (K,) E[x_k^2]. Returns (N, G)."""
+    n, k = w.shape
+    cw = _grouped(channel_weight.double()[None, :].expand(n, k), group_size)
+    wg = _grouped(w.double(), group_size)
+    best_err, best = None, None
+    for c in CLIP_RATIOS:
+        q, s = quantize_int4_with(w, group_size, scale_dtype, log2_multiplier, c)
+        deq = _grouped(q.double() * expand_group_scales(s, k, group_size).double() * 2.0**-log2_multiplier,
+                       group_size)
+        err = ((deq - wg) ** 2 * cw).sum(-1)
+        if best_err is None:
+            best_err, best = err, torch.full_like(err, c)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(err, c), best)
+    return best
+
+
 def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: str = "fp8",
-                  log2_multiplier: int | None = None) -> QuantizedWeight:
-    """Round-to-nearest INT4 group quantization of a weight (N, K), packed."""
+                  log2_multiplier: int | None = None, channel_weight: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest INT4 group quantization of a weight (N, K), packed. With channel_weight (K,)
+    (E[x_k^2] of the inputs), each group's clipping ratio is searched (search_clip)."""
     if w.dim() != 2:
         raise ValueError("expected a 2-D weight")
     if log2_multiplier is None:
         log2_multiplier = search_log2_multiplier(w, group_size) if scale_dtype == "fp8" else 0
-    q, scales = quantize_int4_with(w, group_size, scale_dtype, log2_multiplier)
+    clip = 1.0 if channel_weight is None else search_clip(w, group_size, scale_dtype, log2_multiplier,
+                                                           channel_weight)
+    q, scales = quantize_int4_with(w, group_size, scale_dtype, log2_multiplier, clip)
     return QuantizedWeight(pack_int4(q), scales, log2_multiplier, w.shape[1], group_size)

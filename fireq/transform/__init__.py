@@ -17,8 +17,16 @@ from ..recipe import Recipe
 def apply(layer: nn.Module, stats: LayerStats | None, recipe: Recipe, arch: ArchSpec, config) -> dict:
     """Transform one layer in place. Returns extra tensors for the attention module (post-RoPE scales)."""
     extras: dict = {}
+    if recipe.channel_scaling and recipe.smooth_alpha < 0 and stats is None:
+        from .smooth import apply_smoothing
+
+        apply_smoothing(layer, LayerStats(), recipe, arch)  # weight-only: needs no statistics
     if stats is None:
         return extras
+    if recipe.smooth_alpha >= 0 or recipe.channel_scaling:
+        from .smooth import apply_smoothing
+
+        apply_smoothing(layer, stats, recipe, arch)
     if recipe.pre_rope_scaling or recipe.post_rope_scaling:
         from .rope_scaling import rope_scales
 

@@ -64,3 +64,14 @@ def test_zero_groups():
     qw = quantize_int4(w, 128)
     assert torch.isfinite(qw.dequantize()).all()
     assert qw.dequantize()[1:].eq(0).all()
+
+
+def test_clip_search_never_worse_than_no_clip():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 256, generator=g) * 0.02
+    w[:, 7] *= 8
+    cw = torch.rand(256, generator=g) + 0.1
+    a = quantize_int4(w, 128)
+    b = quantize_int4(w, 128, channel_weight=cw)
+    err = lambda q: (((q.dequantize() - w) ** 2) * cw).sum()  # noqa: E731
+    assert err(b) <= err(a) + 1e-12

@@ -89,3 +89,23 @@ def test_rope_scales_uses_stats():
     assert out["k_post_scale"].shape == (hkv, d)
     ratio = layer.self_attn.k_proj.weight / ref.self_attn.k_proj.weight
     assert not torch.allclose(ratio, torch.ones_like(ratio))
+
+
+def test_smoothing_keeps_logits_float64():
+    """Channel scaling folded into RMSNorm / up_proj (incl. Gemma's 1 + w norm) leaves logits unchanged."""
+    from fireq.models.registry import arch_of
+    from fireq.transform.smooth import GROUPS, fold_input_scale
+
+    for arch in ("llama", "qwen2", "gemma3_text"):
+        m = make_tiny(arch, 400).double()
+        ref = copy.deepcopy(m)
+        g = torch.Generator().manual_seed(3)
+        spec = arch_of(m.config)
+        for layer in m.model.layers:
+            for group, (names, _) in GROUPS.items():
+                k = dict(layer.named_modules())[names[0]].in_features
+                fold_input_scale(layer, group, torch.rand(k, generator=g, dtype=torch.float64) * 3 + 0.2, spec)
+        x = torch.randint(0, 400, (2, 15), generator=g)
+        with torch.no_grad():
+            a, b = m(x).logits, ref(x).logits
+        assert ((a - b).abs().max() / b.abs().max()) < 1e-6, arch
