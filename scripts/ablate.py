@@ -46,6 +46,14 @@ VARIANTS = [
                                                         post_rope_scaling=True)),
     ("gptq + pre/post-RoPE", dict(method="gptq", pre_rope_scaling=True, post_rope_scaling=True)),
     ("weights only, RTN", dict(act_quant=False, query_fp8=False, kv_bits=16)),
+    ("rtn + clip + pre/post-RoPE + asymmetric KV4", dict(w_clip_search=True, pre_rope_scaling=True,
+                                                         post_rope_scaling=True, kv_symmetric=False)),
+    ("rtn + clip + SmoothQuant 0.5 + pre/post-RoPE + asym KV4", dict(w_clip_search=True, smooth_alpha=0.5,
+                                                                     pre_rope_scaling=True, post_rope_scaling=True,
+                                                                     kv_symmetric=False)),
+    ("rtn + clip + SmoothQuant 0.3 + pre/post-RoPE + asym KV4", dict(w_clip_search=True, smooth_alpha=0.3,
+                                                                     pre_rope_scaling=True, post_rope_scaling=True,
+                                                                     kv_symmetric=False)),
 ]
 
 
