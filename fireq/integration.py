@@ -7,8 +7,6 @@ weights load (so the packed tensors load into them by name) and sets the INT4-KV
 
 from __future__ import annotations
 
-import torch
-
 _done = False
 
 
@@ -78,4 +76,4 @@ def register() -> None:
     _done = True
 
 
-__all__ = ["register", "torch"]
+__all__ = ["register"]

@@ -74,7 +74,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
         layer = layers[i].to(device)
         stats = None
         if calibrate:
-            stats = collect(layer, inputs, cap.kwargs[i], device, hessians=False,
+            stats = collect(layer, inputs, cap.kwargs[i], device,
                             head_dim=head_dim, n_kv_heads=config.num_key_value_heads)
         extras = transform.apply(layer, stats, recipe, arch, config)
         attention.attach(layer.self_attn, aq, extras.get("k_post_scale"))

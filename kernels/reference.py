@@ -7,30 +7,14 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_TINY = torch.finfo(torch.float32).tiny
+# The quantizers and the unpacking are the format's own definitions (fireq.formats), shared here so that
+# the twins and the checkpoint code cannot drift apart.
+from fireq.formats.fp8 import quantize_fp8_rows as quantize_fp8_rows_ref  # noqa: E402
+from fireq.formats.int4 import expand_group_scales as group_scales_ref  # noqa: E402
+from fireq.formats.int4 import unpack_int4 as unpack_int4_ref  # noqa: E402
 
-
-def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (M, K) float -> (q: (M, K) fp8 e4m3, scale: (M, 1) fp32); x ~= q * scale."""
-    xf = x.float()
-    s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=_TINY)
-    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
-
-
-def unpack_int4_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """packed: (N, ceil(K/2)) uint8, even k in the low nibble -> (N, K) int8 in [-8, 7]."""
-    p = packed.to(torch.int16)
-    lo = ((p & 0xF) ^ 8) - 8
-    hi = (((p >> 4) & 0xF) ^ 8) - 8
-    return torch.stack((lo, hi), -1).flatten(-2)[..., :k].to(torch.int8)
-
-
-def group_scales_ref(scales: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """scales: (N, G) fp8/bf16 -> (N, K) fp32."""
-    g = k if group_size in (-1, 0) else group_size
-    return scales.float().repeat_interleave(g, dim=-1)[:, :k]
+__all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8_gemm_ref", "w4a8_linear_ref",
+           "kv4_attention_ref"]
 
 
 def w4a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,

@@ -12,6 +12,7 @@ before timing. FP8 cuBLAS (torch._scaled_mm, per-tensor scales) needs M % 16 == 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import sys
 import time
@@ -64,10 +65,9 @@ def main() -> None:
             w = torch.randn(n, k, device=dev) * 0.02
             qw = quantize_int4(w, args.group)
             w_sets.append((qw, w.to(torch.bfloat16), w.to(torch.float8_e4m3fn)))
-        w_sets = [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in s) for s in
-                  (w_sets * ((ncopy + len(w_sets) - 1) // len(w_sets)))[:ncopy]]
-        w_sets = [(type(s[0])(s[0].qweight.clone(), s[0].scales.clone(), s[0].log2_multiplier, k, args.group),
-                   s[1].clone(), s[2].clone()) for s in w_sets]
+        # rotate over ncopy sets in distinct memory: clones of the (up to 4) distinct quantized weights
+        w_sets = [(replace(qw, qweight=qw.qweight.clone(), scales=qw.scales.clone()), wb.clone(), w8.clone())
+                  for qw, wb, w8 in (w_sets[i % len(w_sets)] for i in range(ncopy))]
         for m in ms:
             nx = copies_for(m * k * 2, l2, min_sets=len(w_sets))
             xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(min(nx, 8))]

@@ -1,7 +1,7 @@
 """Statistics of one decoder layer on calibration inputs, gathered with forward hooks.
 
 - `act_absmax[name]`: (K,) max |x_k| over tokens of each linear's input (smoothing).
-- `hessian[name]`: (K, K) float64 sum of x x^T over tokens, divided by their count (GPTQ).
+- `act_sq[name]`: (K,) sum of x_k^2 over tokens (clipping search).
 - `key_absmax`: (H_kv, D) max |k| before RoPE (after k_norm where the model has one).
 - `key_pair_norm`: (H_kv, D/2) max_t sqrt(k_j^2 + k_{j+D/2}^2) before RoPE (pre-RoPE scaling).
 - `rope_key_absmax`: (H_kv, D) max |k| after RoPE (post-RoPE scaling).
@@ -20,8 +20,7 @@ from ..models.registry import layer_linears
 @dataclass
 class LayerStats:
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
-    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # (K,) sum of x_k^2 (clip search)
-    hessian: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     key_absmax: torch.Tensor | None = None
     key_pair_norm: torch.Tensor | None = None
@@ -74,7 +73,7 @@ def collect_hessians(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
 
 
 @torch.no_grad()
-def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, *, hessians: bool,
+def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, *,
             head_dim: int, n_kv_heads: int) -> LayerStats:
     """Run the float layer on `inputs` and collect LayerStats."""
     from .layerwise import _to
@@ -88,9 +87,6 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
             st.act_absmax[name] = _amax(st.act_absmax.get(name), x.abs().amax(0).cpu())
             sq = (x.double() ** 2).sum(0).cpu()
             st.act_sq[name] = sq if name not in st.act_sq else st.act_sq[name] + sq
-            if hessians:
-                h = (x.double().t() @ x.double()).cpu()
-                st.hessian[name] = h if name not in st.hessian else st.hessian[name] + h
         return f
 
     for name, lin in layer_linears(layer).items():
@@ -126,6 +122,4 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
     finally:
         for h in hooks:
             h.remove()
-    if hessians:
-        st.hessian = {k: v / st.tokens for k, v in st.hessian.items()}
     return st
