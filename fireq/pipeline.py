@@ -63,6 +63,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     aq = attention_quant(recipe)
 
+    if recipe.rotate_residual or recipe.rotate_vo:
+        from .transform.rotate import apply_rotations
+
+        apply_rotations(model, recipe, arch)
     calibrate = recipe.needs_calibration()
     if calibrate and samples is None:
         raise FireqError(f"recipe {recipe.name!r} needs calibration samples")
@@ -75,14 +79,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
         stats = None
         if calibrate:
             stats = collect(layer, inputs, cap.kwargs[i], device,
-                            head_dim=head_dim, n_kv_heads=config.num_key_value_heads)
+                            head_dim=head_dim, n_kv_heads=config.num_key_value_heads, token_cap=recipe.calib_token_cap)
         extras = transform.apply(layer, stats, recipe, arch, config)
         attention.attach(layer.self_attn, aq, extras.get("k_post_scale"))
         if recipe.method == "gptq" and calibrate:
             # true-sequential: each group's Hessian comes from inputs through the already-quantized
             # groups before it (and the INT4 KV attention), FP8-quantized as the kernel will see them
             for group in SEQUENTIAL_GROUPS:
-                hs = collect_hessians(layer, inputs, cap.kwargs[i], device, list(group), recipe.act_quant)
+                hs = collect_hessians(layer, inputs, cap.kwargs[i], device, list(group), recipe.act_quant,
+                                      recipe.calib_token_cap)
                 quantize_layer_linears(layer, recipe, dtype, hs, fake=fake, only=group)
         else:
             quantize_layer_linears(layer, recipe, dtype, None, fake=fake, act_sq=stats.act_sq if stats else None)

@@ -51,11 +51,14 @@ class Recipe:
     channel_scaling_c_gate_up: float = 0.0096
     channel_scaling_c_down: float = 0.015
     smooth_alpha: float = -1.0  # activation-aware smoothing exponent; < 0 off
+    rotate_residual: bool = False  # randomized Hadamard on the residual stream, folded into the weights
+    rotate_vo: bool = False  # per-head Hadamard on V and o_proj's input, folded into the weights
     # calibration
     calib_data: str = "wikitext2"  # a text file, or wikitext2 | c4 | pile (needs `datasets` and the hub)
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
+    calib_token_cap: float = 0.0  # second moments: tokens above cap x median norm scaled down to it; 0 off
 
     def __post_init__(self):
         self.validate()
@@ -86,6 +89,8 @@ class Recipe:
             bad(f"post_rope_top_k must be in [0, 512], got {self.post_rope_top_k}")
         if self.smooth_alpha > 1.0:
             bad(f"smooth_alpha must be <= 1 (negative = off), got {self.smooth_alpha}")
+        if self.calib_token_cap < 0:
+            bad(f"calib_token_cap must be >= 0 (0 = off), got {self.calib_token_cap}")
         if self.nsamples <= 0:
             bad(f"nsamples must be > 0, got {self.nsamples}")
         if self.seqlen <= 0:

@@ -154,12 +154,13 @@ def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl
 
 @triton.jit
 def _w4a8_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, inv_mult,
     stride_xm, stride_wn, stride_wsn, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
+    FUSED_SPLITK: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -261,10 +262,112 @@ def _w4a8_gemm_kernel(
             acc += tl.where(pid_k == 0, bias[None, :], 0.0)
         ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         msk = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
+    if SPLIT_K > 1 and FUSED_SPLITK:
+        # partials to part_ptr (SPLIT_K, M, N); the last program of this tile to arrive sums them in split
+        # order (deterministic) into out and re-zeroes the tile's counter
+        if SWAP:
+            p_off = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        else:
+            p_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + p_off, acc, mask=msk)
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(part_ptr + p_off, mask=msk, other=0.0, volatile=True)
+            for sk in range(1, SPLIT_K):
+                total += tl.load(part_ptr + sk * M * N + p_off, mask=msk, other=0.0, volatile=True)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+            tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=msk)
+    elif SPLIT_K > 1:
         tl.store(ptrs + pid_k.to(tl.int64) * M * stride_om, acc, mask=msk)
     else:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn,
+                   PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc (BN,) fp32 sums over all of K -> scaled, biased, stored as out (1, N)."""
+    acc = acc * (tl.load(xs_ptr) * inv_mult)
+    if PER_CHANNEL:
+        acc = acc * tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _w4a8_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    N, K, inv_mult, stride_wn, stride_wsn,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One token (M = 1): CUDA-core dot products, no MMA padding to 16 rows.
+
+    Each step streams a (BN, BK/2) byte tile of weights: the low nibbles meet the even k of x and the
+    high nibbles the odd k (no register shuffles to restore k order). BK may span several groups
+    (BK = NG * GROUP: per-group sums, then the (BN, NG) scales) or divide one. With SPLIT_K > 1 the
+    programs of an N tile write FP32 partials and count themselves in on a per-tile counter; the last
+    to arrive sums the partials in split order (deterministic), writes the output, re-zeroes the counter.
+    (Accumulating (BN, BK/2) elementwise and reducing once at the end measured slower on the H100.)"""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_h = tl.arange(0, BK // 2)
+    mask_n = offs_n < N
+    KH = (K + 1) // 2
+    NGROUPS = tl.cdiv(K, GROUP)
+    k_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    for t in range(t0, t1):
+        kh = t * (BK // 2) + offs_h
+        wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
+        wi = wb.to(tl.int8, bitcast=True)
+        ke = 2 * kh
+        xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
+        prod = ((wi << 4) >> 4).to(tl.float32) * xe[None, :] + (wi >> 4).to(tl.float32) * xo[None, :]
+        if PER_CHANNEL:
+            acc += tl.sum(prod, axis=1)
+        elif BK > GROUP:
+            NG: tl.constexpr = BK // GROUP
+            part = tl.sum(tl.reshape(prod, (BN, NG, GROUP // 2)), axis=2)
+            gi = t * NG + tl.arange(0, NG)
+            sc = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + gi[None, :],
+                         mask=mask_n[:, None] & (gi[None, :] < NGROUPS), other=0.0).to(tl.float32)
+            acc += tl.sum(part * sc, axis=1)
+        else:
+            sc = tl.load(ws_ptr + offs_n * stride_wsn + (t * BK) // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.sum(prod, axis=1) * sc
+    if SPLIT_K == 1:
+        _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
+                       HAS_BIAS)
+    else:
+        tl.store(part_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(part_ptr + offs_n, mask=mask_n, other=0.0, volatile=True)
+            for sk in range(1, SPLIT_K):
+                total += tl.load(part_ptr + sk * N + offs_n, mask=mask_n, other=0.0, volatile=True)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            _gemv_epilogue(total, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
+                           HAS_BIAS)
+
+
+_COUNTERS: dict = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for split-K tiles, one buffer per device, left zeroed by every kernel."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -310,28 +413,56 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     if w_scales.shape != (n, triton.cdiv(k, g)):
         raise ValueError(f"w_scales shape {tuple(w_scales.shape)} does not match N={n}, K={k}, group {g}")
     cfg = dict(config or pick_config(m, n, k, -1 if per_channel else g))
-    if not per_channel and g % cfg["BK"]:
+    if not per_channel and g % cfg["BK"] and not cfg.get("GEMV"):
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
     split = cfg["SPLIT_K"]
-    if split > 1:
+    if cfg.get("GEMV"):
+        return _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg)
+    fused = split > 1 and cfg.get("FUSED", True)
+    if split > 1 and not fused:
         out = torch.empty((split, m, n), dtype=torch.float32, device=xq.device)
     else:
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0:
         return torch.empty((0, n), dtype=out_dtype, device=xq.device)
-    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
+    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
+    grid = (tiles, split)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=xq.device) if fused else out
+    cnt = _tile_counters(xq.device, tiles) if fused else out
     xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemm_kernel[grid](
-        xq, xs, qweight, w_scales, bias if bias is not None else xs, out,
+        xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
         m, n, k, 2.0 ** -log2_multiplier,
         xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(-2),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
-        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn,
+        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 else out
+    return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
+
+
+def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg):
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if m != 1:
+        raise ValueError("the GEMV path takes one token (M = 1)")
+    split, bn, bk = cfg["SPLIT_K"], cfg["BN"], cfg["BK"]
+    if not per_channel and bk > g and bk % g:
+        raise ValueError(f"GEMV: BK={bk} must divide the group size {g} or be a multiple of it")
+    out = torch.empty((1, n), dtype=out_dtype, device=xq.device)
+    tiles = triton.cdiv(n, bn)
+    part = torch.empty((split, n), dtype=torch.float32, device=xq.device) if split > 1 else out
+    cnt = _tile_counters(xq.device, tiles)
+    xs = x_scale.reshape(-1).float().contiguous()
+    _w4a8_gemv_kernel[(tiles, split)](
+        xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
+        n, k, 2.0 ** -log2_multiplier, qweight.stride(0), w_scales.stride(0),
+        GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+        BN=bn, BK=bk, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
 
 
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,

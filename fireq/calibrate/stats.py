@@ -1,7 +1,7 @@
 """Statistics of one decoder layer on calibration inputs, gathered with forward hooks.
 
 - `act_absmax[name]`: (K,) max |x_k| over tokens of each linear's input (smoothing).
-- `act_sq[name]`: (K,) sum of x_k^2 over tokens (clipping search).
+- `act_sq[name]`: (K,) sum of x_k^2 over tokens (clipping search), massive tokens capped (cap_tokens).
 - `key_absmax`: (H_kv, D) max |k| before RoPE (after k_norm where the model has one).
 - `key_pair_norm`: (H_kv, D/2) max_t sqrt(k_j^2 + k_{j+D/2}^2) before RoPE (pre-RoPE scaling).
 - `rope_key_absmax`: (H_kv, D) max |k| after RoPE (post-RoPE scaling).
@@ -32,13 +32,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def cap_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Tokens (rows of x) whose norm exceeds cap x the median token norm, scaled down to that norm.
+
+    Second-moment statistics (GPTQ's Hessian, the clipping search's E[x^2]) are otherwise owned by a
+    handful of "massive activation" tokens: in SmolLM2's layer 11 down_proj the first token of each
+    sequence is 572x the median norm and holds 99.8% of the Hessian's trace, so GPTQ would fit those
+    tokens alone. cap <= 0: unchanged."""
+    if cap <= 0 or x.shape[0] == 0:
+        return x
+    n = x.norm(dim=1, keepdim=True)
+    lim = cap * n.median()
+    return torch.where(n > lim, x * (lim / n.clamp(min=1e-30)), x)
+
+
 def _amax(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.maximum(old, new)
 
 
 @torch.no_grad()
 def collect_hessians(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, names: list[str],
-                     fp8_inputs: bool) -> dict[str, torch.Tensor]:
+                     fp8_inputs: bool, token_cap: float = 0.0) -> dict[str, torch.Tensor]:
     """H = X X^T / n for the linears `names` of the layer in its current state (earlier linears may
     already be quantized). fp8_inputs: X is the per-token FP8 quantization of the input, which is what
     the quantized linear will multiply at run time."""
@@ -55,6 +69,7 @@ def collect_hessians(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             if fp8_inputs:
                 x = fake_quantize_fp8_rows(x)
+            x = cap_tokens(x, token_cap)
             h = (x.double().t() @ x.double()).cpu()
             hs[name] = h if name not in hs else hs[name] + h
         return f
@@ -74,7 +89,7 @@ def collect_hessians(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
 
 @torch.no_grad()
 def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, *,
-            head_dim: int, n_kv_heads: int) -> LayerStats:
+            head_dim: int, n_kv_heads: int, token_cap: float = 0.0) -> LayerStats:
     """Run the float layer on `inputs` and collect LayerStats."""
     from .layerwise import _to
 
@@ -85,7 +100,7 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
         def f(mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             st.act_absmax[name] = _amax(st.act_absmax.get(name), x.abs().amax(0).cpu())
-            sq = (x.double() ** 2).sum(0).cpu()
+            sq = (cap_tokens(x, token_cap).double() ** 2).sum(0).cpu()
             st.act_sq[name] = sq if name not in st.act_sq else st.act_sq[name] + sq
         return f
 

@@ -54,12 +54,19 @@ CASES = [
     (9, 64, 256, 128, dict(_cfg(False, 1, 128), DEQ16=True)),  # fp16-dequant path
     (9, 64, 384, 64, dict(_cfg(True, 2, 64), DEQ16=True)),
     (16, 96, 512, 256, _cfg(True, 2, 128)),
+    # the CUDA-core decode path (M <= 16), with and without the in-kernel split-K reduction
+    (1, 40, 256, 128, dict(GEMV=True, BN=16, BK=128, SPLIT_K=2, num_warps=4, num_stages=2)),
+    (1, 72, 577, 64, dict(GEMV=True, BN=32, BK=256, SPLIT_K=2, num_warps=4, num_stages=2)),  # odd K, 4 groups a tile
+    (1, 64, 192, -1, dict(GEMV=True, BN=16, BK=64, SPLIT_K=1, num_warps=4, num_stages=2)),  # per-channel
+    (1, 48, 256, 64, dict(GEMV=True, BN=16, BK=32, SPLIT_K=4, num_warps=4, num_stages=2)),
+    (1, 40, 640, 128, dict(GEMV=True, BN=8, BK=512, SPLIT_K=2, num_warps=4, num_stages=2)),
+    (5, 48, 384, 64, dict(_cfg(True, 3, 64), FUSED=False)),  # split-K partials summed outside
 ]
 
 
 @pytest.mark.parametrize("m,n,k,gs,cfg", CASES)
 def test_gemm_matches_float64(m, n, k, gs, cfg):
-    if GPU:
+    if GPU and not cfg.get("GEMV"):
         cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
     for seed in range(2):  # fresh random inputs each check
         x, qweight, scales, e, b = _operands(m, n, k, gs, seed)
