@@ -49,7 +49,9 @@ def m_bucket(m: int) -> int:
 def gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
     """Candidate configs for a problem, pruned by its size (and the group, which caps BK)."""
     base = _gemm_configs(m, n, k, group)
-    return base + [dict(c, DEQ16=True) for c in base]
+    gemv = [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=4)
+            for bn in (8, 16, 32) for bk in (256, 512) for sk in (1, 2, 4, 8)] if m == 1 else []
+    return gemv + base + [dict(c, DEQ16=True) for c in base]
 
 
 def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
@@ -73,6 +75,11 @@ def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
 def default_config(m: int, n: int, k: int, group: int) -> dict:
     """A reasonable config without tuning."""
     bk = 128 if group in (-1, 0) or group >= 128 else group
+    if m == 1:  # one token: the CUDA-core GEMV (H100 winners: BN 16, BK 512)
+        tiles, split, k_tiles = triton.cdiv(n, 16), 1, triton.cdiv(k, 512)
+        while tiles * split < 264 and split < 8 and k_tiles >= 2 * split:
+            split *= 2
+        return dict(GEMV=True, BN=16, BK=512, SPLIT_K=split, num_warps=4, num_stages=4)
     if m <= 64:
         bm = max(16, min(64, triton.next_power_of_2(m)))
         tiles = triton.cdiv(n, 128)

@@ -9,6 +9,7 @@ import torch
 from . import reference
 
 _warned = False
+_tuned_loaded = False
 
 
 def triton_fp8_capable(device: torch.device) -> bool:
@@ -28,7 +29,12 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
                 group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True) -> torch.Tensor:
     """Quantized linear: x (..., K) -> (..., N). See reference.w4a8_linear_ref for the semantics."""
     if act_quant and triton_fp8_capable(x.device):
-        from .gemm_w4a8 import w4a8_linear_triton
+        from .gemm_w4a8 import load_tuned, w4a8_linear_triton
+
+        global _tuned_loaded
+        if not _tuned_loaded:  # this GPU's tuned configs (kernels/tuned/<name>.json), if shipped
+            load_tuned()
+            _tuned_loaded = True
 
         return w4a8_linear_triton(x, qweight, w_scales, log2_multiplier, group_size, bias)
     return reference.w4a8_linear_ref(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant)

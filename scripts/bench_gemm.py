@@ -45,10 +45,12 @@ def main() -> None:
     timer = bench_rotating if args.no_graph else bench_graph
 
     from fireq.formats.int4 import quantize_int4
-    from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, default_config, m_bucket, quantize_fp8_rows_triton, w4a8_gemm_triton,
+    from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config, quantize_fp8_rows_triton, w4a8_gemm_triton,
                                          w4a8_linear_triton)
     from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref
 
+    if not args.tune:
+        print(f"tuned configs loaded: {load_tuned()}", flush=True)
     env = env_info()
     l2 = env.get("l2_bytes")
     dev = "cuda"
@@ -98,7 +100,7 @@ def main() -> None:
                 err = ((got.double() - ref).norm() / ref.norm()).item()
                 return err
 
-            best_cfg, best_ms = default_config(m, n, k, args.group), None
+            best_cfg, best_ms = pick_config(m, n, k, args.group), None
             cands = tune_candidates(m, args.group) if args.tune else [best_cfg]
             for cfg in cands:
                 try:
