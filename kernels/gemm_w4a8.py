@@ -46,12 +46,13 @@ def m_bucket(m: int) -> int:
     return b
 
 
-def gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
-    """Candidate configs for a problem, pruned by its size (and the group, which caps BK)."""
+def gemm_configs(m: int, n: int, k: int, group: int, kernel_layout: bool = False) -> list[dict]:
+    """Candidate configs for a problem, pruned by its size (and the group, which caps BK). kernel_layout:
+    for weights in the repack_half layout (no DEQ16 / UNPACK_DUP variants there)."""
     base = _gemm_configs(m, n, k, group)
     gemv = [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=4)
             for bn in (8, 16, 32) for bk in (256, 512) for sk in (1, 2, 4, 8)] if m == 1 else []
-    return gemv + base + [dict(c, DEQ16=True) for c in base]
+    return gemv + base + ([] if kernel_layout else [dict(c, DEQ16=True) for c in base])
 
 
 def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
@@ -62,13 +63,15 @@ def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
         for bn in (64, 128):
             for split in (2, 4, 8):
                 if k // bk_max >= split:
-                    out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8, num_warps=4,
-                                    num_stages=3))
+                    for st in (3, 4):
+                        out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8, num_warps=4,
+                                        num_stages=st))
     else:
         for swap, bm, bn, warps in ((True, 128, 64, 4), (True, 128, 128, 8), (False, 128, 128, 8),
-                                    (False, 128, 256, 8), (False, 256, 128, 8)):
-            out.append(dict(SWAP=swap, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
-                            num_stages=3))
+                                    (False, 128, 256, 8), (False, 256, 128, 8), (True, 256, 64, 8)):
+            for st in (3, 4):
+                out.append(dict(SWAP=swap, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
+                                num_stages=st))
     return out
 
 
@@ -167,7 +170,7 @@ def _w4a8_gemm_kernel(
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
-    FUSED_SPLITK: tl.constexpr,
+    FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -204,49 +207,76 @@ def _w4a8_gemm_kernel(
     w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     for t in range(t0, t1):
         k0 = t * BK
-        kk = k0 + offs_k
-        x = tl.load(x_base + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-        if UNPACK_DUP:
-            # each byte loaded for both of its k (the duplicate hits L1); the nibble is picked by a
-            # per-column shift: no register shuffles
-            wb = tl.load(w_base + (kk // 2)[None, :], mask=mask_n[:, None] & (kk[None, :] < K), other=0)
+        if HALF:
+            # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
+            # k0 + BK/2 + j (high nibble); rows padded with zero codes to whole tiles. Two MMAs over the
+            # halves of the tile, no register interleave.
+            ka = k0 + offs_kh
+            xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
+            xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
+                         other=0.0)
+            wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
             wi = wb.to(tl.int8, bitcast=True)
-            w = (wi << ((1 - (kk % 2)) * 4).to(tl.int8)[None, :]) >> 4
+            wa = ((wi << 4) >> 4).to(tl.float16).to(tl.float8e4nv)
+            wz = (wi >> 4).to(tl.float16).to(tl.float8e4nv)
+            if SWAP:
+                part = tl.dot(wa, tl.trans(xa))
+                part = tl.dot(wz, tl.trans(xb), part)
+            else:
+                part = tl.dot(xa, tl.trans(wa))
+                part = tl.dot(xb, tl.trans(wz), part)
+            if PER_CHANNEL:
+                acc += part
+            else:
+                sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+                if SWAP:
+                    acc += part * sg[:, None]
+                else:
+                    acc += part * sg[None, :]
         else:
-            kh = k0 // 2 + offs_kh
-            wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
-            wi = wb.to(tl.int8, bitcast=True)
-            lo = (wi << 4) >> 4
-            hi = wi >> 4
-            w = tl.join(lo, hi).reshape(BN, BK)
-        if DEQ16:
-            # q * s is exact in fp16 (<= 7 significant bits for FP8 scales), as is the fp8 x: the group
-            # scale rides on the operand and the MMA chain accumulates straight into acc (fp16 MMA)
-            w16 = w.to(tl.float16)
-            if not PER_CHANNEL:
-                s16 = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float16)
-                w16 = w16 * s16[:, None]
-            if SWAP:
-                acc = tl.dot(w16, tl.trans(x.to(tl.float16)), acc)
+            kk = k0 + offs_k
+            x = tl.load(x_base + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+            if UNPACK_DUP:
+                # each byte loaded for both of its k (the duplicate hits L1); the nibble is picked by a
+                # per-column shift: no register shuffles
+                wb = tl.load(w_base + (kk // 2)[None, :], mask=mask_n[:, None] & (kk[None, :] < K), other=0)
+                wi = wb.to(tl.int8, bitcast=True)
+                w = (wi << ((1 - (kk % 2)) * 4).to(tl.int8)[None, :]) >> 4
             else:
-                acc = tl.dot(x.to(tl.float16), tl.trans(w16), acc)
-        elif PER_CHANNEL:
-            w8 = w.to(tl.float16).to(tl.float8e4nv)
-            if SWAP:
-                acc = tl.dot(w8, tl.trans(x), acc, max_num_imprecise_acc=PRECISE_ACC)
+                kh = k0 // 2 + offs_kh
+                wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
+                wi = wb.to(tl.int8, bitcast=True)
+                lo = (wi << 4) >> 4
+                hi = wi >> 4
+                w = tl.join(lo, hi).reshape(BN, BK)
+            if DEQ16:
+                # q * s is exact in fp16 (<= 7 significant bits for FP8 scales), as is the fp8 x: the group
+                # scale rides on the operand and the MMA chain accumulates straight into acc (fp16 MMA)
+                w16 = w.to(tl.float16)
+                if not PER_CHANNEL:
+                    s16 = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float16)
+                    w16 = w16 * s16[:, None]
+                if SWAP:
+                    acc = tl.dot(w16, tl.trans(x.to(tl.float16)), acc)
+                else:
+                    acc = tl.dot(x.to(tl.float16), tl.trans(w16), acc)
+            elif PER_CHANNEL:
+                w8 = w.to(tl.float16).to(tl.float8e4nv)
+                if SWAP:
+                    acc = tl.dot(w8, tl.trans(x), acc, max_num_imprecise_acc=PRECISE_ACC)
+                else:
+                    acc = tl.dot(x, tl.trans(w8), acc, max_num_imprecise_acc=PRECISE_ACC)
             else:
-                acc = tl.dot(x, tl.trans(w8), acc, max_num_imprecise_acc=PRECISE_ACC)
-        else:
-            w8 = w.to(tl.float16).to(tl.float8e4nv)
-            if SWAP:
-                part = tl.dot(w8, tl.trans(x), max_num_imprecise_acc=PRECISE_ACC)
-            else:
-                part = tl.dot(x, tl.trans(w8), max_num_imprecise_acc=PRECISE_ACC)
-            s = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-            if SWAP:
-                acc += part * s[:, None]
-            else:
-                acc += part * s[None, :]
+                w8 = w.to(tl.float16).to(tl.float8e4nv)
+                if SWAP:
+                    part = tl.dot(w8, tl.trans(x), max_num_imprecise_acc=PRECISE_ACC)
+                else:
+                    part = tl.dot(x, tl.trans(w8), max_num_imprecise_acc=PRECISE_ACC)
+                s = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+                if SWAP:
+                    acc += part * s[:, None]
+                else:
+                    acc += part * s[None, :]
 
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
     if PER_CHANNEL:
@@ -307,7 +337,7 @@ def _w4a8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     N, K, inv_mult, stride_wn, stride_wsn,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr,
 ):
     """One token (M = 1): CUDA-core dot products, no MMA padding to 16 rows.
 
@@ -322,7 +352,10 @@ def _w4a8_gemv_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_h = tl.arange(0, BK // 2)
     mask_n = offs_n < N
-    KH = (K + 1) // 2
+    if HALF_LB > 0:  # kernel layout (repack_half): rows padded to whole blocks of HALF_LB
+        KH = tl.cdiv(K, HALF_LB) * (HALF_LB // 2)
+    else:
+        KH = (K + 1) // 2
     NGROUPS = tl.cdiv(K, GROUP)
     k_tiles = tl.cdiv(K, BK)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -334,9 +367,14 @@ def _w4a8_gemv_kernel(
         kh = t * (BK // 2) + offs_h
         wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
         wi = wb.to(tl.int8, bitcast=True)
-        ke = 2 * kh
+        if HALF_LB > 0:  # byte j of a block: channels j and j + HALF_LB/2 of the block
+            ke = (kh // (HALF_LB // 2)) * HALF_LB + kh % (HALF_LB // 2)
+            ko = ke + HALF_LB // 2
+        else:  # checkpoint layout: channels 2j and 2j + 1
+            ke = 2 * kh
+            ko = ke + 1
         xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + ko, mask=ko < K, other=0.0).to(tl.float32)
         prod = ((wi << 4) >> 4).to(tl.float32) * xe[None, :] + (wi >> 4).to(tl.float32) * xo[None, :]
         if PER_CHANNEL:
             acc += tl.sum(prod, axis=1)
@@ -402,15 +440,19 @@ def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                      log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
-                     out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
-    """See reference.w4a8_gemm_ref. xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8;
-    w_scales: (N, G) fp8/bf16; bias: (N,) or None -> (M, N) out_dtype."""
+                     out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+                     layout_block: int = 0) -> torch.Tensor:
+    """See reference.w4a8_gemm_ref. xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8
+    in the checkpoint layout, or with layout_block > 0 the kernel layout of repack_half(qweight, K,
+    layout_block) (N, ceil(K / layout_block) * layout_block / 2); w_scales: (N, G) fp8/bf16; bias: (N,)
+    or None -> (M, N) out_dtype."""
     if xq.dtype != torch.float8_e4m3fn or qweight.dtype != torch.uint8:
         raise TypeError("w4a8_gemm_triton: xq must be float8_e4m3fn and qweight uint8")
     m, k = xq.shape
     n = qweight.shape[0]
-    if qweight.shape[1] != (k + 1) // 2:
-        raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {(k + 1) // 2} for K={k}")
+    row_bytes = (k + 1) // 2 if not layout_block else triton.cdiv(k, layout_block) * layout_block // 2
+    if qweight.shape[1] != row_bytes:
+        raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {row_bytes} for K={k}")
     if xq.stride(1) != 1 or qweight.stride(1) != 1:
         raise ValueError("w4a8_gemm_triton: xq and qweight rows must be contiguous")
     if not (xq.device == qweight.device == w_scales.device == x_scale.device):
@@ -424,7 +466,11 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
     split = cfg["SPLIT_K"]
     if cfg.get("GEMV"):
-        return _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg)
+        return _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg,
+                            layout_block)
+    half = layout_block > 0
+    if half and (cfg["BK"] != layout_block or cfg.get("DEQ16") or cfg.get("UNPACK_DUP")):
+        cfg = dict(cfg, BK=layout_block, DEQ16=False, UNPACK_DUP=False)
     fused = split > 1 and cfg.get("FUSED", True)
     if split > 1 and not fused:
         out = torch.empty((split, m, n), dtype=torch.float32, device=xq.device)
@@ -444,13 +490,39 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
-        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused,
+        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
 
 
-def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg):
+def repack_half(qweight: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Checkpoint layout (N, ceil(K/2)) -> the kernel layout: K padded with zero codes to whole blocks of
+    `block` channels; byte j of a block holds channel j (low nibble) and channel j + block/2 (high).
+    Unpacking it needs no register interleave: the two nibbles of a byte feed two MMAs over the two
+    halves of the block. Exact: unpack_half(repack_half(q, K, b), K, b) == the codes of q."""
+    from fireq.formats.int4 import unpack_int4
+
+    n = qweight.shape[0]
+    kp = triton.cdiv(k, block) * block
+    codes = torch.zeros((n, kp), dtype=torch.int8, device=qweight.device)
+    codes[:, :k] = unpack_int4(qweight, k)
+    c = codes.reshape(n, kp // block, 2, block // 2).to(torch.int16)
+    out = (c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)
+    return out.reshape(n, kp // 2).to(torch.uint8).contiguous()
+
+
+def unpack_half(packed: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """The kernel layout back to int8 codes (N, K)."""
+    n = packed.shape[0]
+    b = packed.to(torch.int16).reshape(n, -1, block // 2)
+    lo = ((b & 0xF) ^ 8) - 8
+    hi = (((b >> 4) & 0xF) ^ 8) - 8
+    return torch.stack([lo, hi], dim=2).reshape(n, -1)[:, :k].to(torch.int8)
+
+
+def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg,
+                 layout_block=0):
     m, k = xq.shape
     n = qweight.shape[0]
     if m != 1:
@@ -467,18 +539,20 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
         n, k, 2.0 ** -log2_multiplier, qweight.stride(0), w_scales.stride(0),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
 
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
-                       group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                       group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0) -> torch.Tensor:
     """x (..., K) -> (..., N) in x.dtype: fused FP8 activation quantization, then the GEMM."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     xq, xs = quantize_fp8_rows_triton(x2)
-    out = w4a8_gemm_triton(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype)
+    out = w4a8_gemm_triton(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype,
+                           layout_block=layout_block)
     return out.reshape(*x.shape[:-1], -1)

@@ -26,7 +26,8 @@ def triton_fp8_capable(device: torch.device) -> bool:
 
 
 def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
-                group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True) -> torch.Tensor:
+                group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True,
+                layout_block: int = 0) -> torch.Tensor:
     """Quantized linear: x (..., K) -> (..., N). See reference.w4a8_linear_ref for the semantics."""
     if act_quant and triton_fp8_capable(x.device):
         from .gemm_w4a8 import load_tuned, w4a8_linear_triton
@@ -36,7 +37,9 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
             load_tuned()
             _tuned_loaded = True
 
-        return w4a8_linear_triton(x, qweight, w_scales, log2_multiplier, group_size, bias)
+        return w4a8_linear_triton(x, qweight, w_scales, log2_multiplier, group_size, bias, layout_block)
+    if layout_block:
+        raise ValueError("the reference path reads the checkpoint layout (layout_block=0)")
     return reference.w4a8_linear_ref(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant)
 
 

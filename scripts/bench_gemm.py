@@ -26,10 +26,10 @@ SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
 
 
-def tune_candidates(m: int, group: int) -> list[dict]:
+def tune_candidates(m: int, group: int, kernel_layout: bool) -> list[dict]:
     from fireq_kernels.gemm_w4a8 import gemm_configs
 
-    return gemm_configs(m, 0, 1 << 20, group)
+    return gemm_configs(m, 0, 1 << 20, group, kernel_layout)
 
 
 def main() -> None:
@@ -41,11 +41,15 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=None, help="e.g. 28672x4096,4096x14336")
     ap.add_argument("--no-graph", action="store_true", help="time eager calls (launch overhead included)")
+    ap.add_argument("--layout-block", type=int, default=128,
+                    help="weights in the kernel layout of repack_half with this block (what QuantLinear uses on "
+                         "the GPU); 0: the checkpoint layout")
     args = ap.parse_args()
     timer = bench_rotating if args.no_graph else bench_graph
 
     from fireq.formats.int4 import quantize_int4
-    from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config, quantize_fp8_rows_triton, w4a8_gemm_triton,
+    from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config, quantize_fp8_rows_triton, repack_half,
+                                         w4a8_gemm_triton,
                                          w4a8_linear_triton)
     from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref
 
@@ -70,6 +74,8 @@ def main() -> None:
         # rotate over ncopy sets in distinct memory: clones of the (up to 4) distinct quantized weights
         w_sets = [(replace(qw, qweight=qw.qweight.clone(), scales=qw.scales.clone()), wb.clone(), w8.clone())
                   for qw, wb, w8 in (w_sets[i % len(w_sets)] for i in range(ncopy))]
+        lb = args.layout_block
+        kern_w = {id(qw): repack_half(qw.qweight, k, lb) if lb else qw.qweight for qw, _, _ in w_sets}
         for m in ms:
             nx = copies_for(m * k * 2, l2, min_sets=len(w_sets))
             xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(min(nx, 8))]
@@ -90,18 +96,18 @@ def main() -> None:
                 for x, (qw, _, _) in sets:
                     xq, xsc = quantize_fp8_rows_triton(x)
                     fns.append(lambda xq=xq, xsc=xsc, qw=qw: w4a8_gemm_triton(
-                        xq, xsc, qw.qweight, qw.scales, qw.log2_multiplier, args.group, None, torch.bfloat16,
-                        config=cfg))
+                        xq, xsc, kern_w[id(qw)], qw.scales, qw.log2_multiplier, args.group, None, torch.bfloat16,
+                        config=cfg, layout_block=lb))
                 return fns
 
             def check(cfg):
-                got = w4a8_gemm_triton(xq0, xs0, qw0.qweight, qw0.scales, qw0.log2_multiplier, args.group, None,
-                                       torch.float32, config=cfg)
+                got = w4a8_gemm_triton(xq0, xs0, kern_w[id(qw0)], qw0.scales, qw0.log2_multiplier, args.group, None,
+                                       torch.float32, config=cfg, layout_block=lb)
                 err = ((got.double() - ref).norm() / ref.norm()).item()
                 return err
 
             best_cfg, best_ms = pick_config(m, n, k, args.group), None
-            cands = tune_candidates(m, args.group) if args.tune else [best_cfg]
+            cands = tune_candidates(m, args.group, lb > 0) if args.tune else [best_cfg]
             for cfg in cands:
                 try:
                     err = check(cfg)
@@ -116,8 +122,8 @@ def main() -> None:
                     best_cfg, best_ms = cfg, t
             err = check(best_cfg)
             t_ours = timer(run_cfg(best_cfg))
-            t_lin = timer([lambda x=x, qw=qw: w4a8_linear_triton(x, qw.qweight, qw.scales,
-                                                                         qw.log2_multiplier, args.group)
+            t_lin = timer([lambda x=x, qw=qw: w4a8_linear_triton(x, kern_w[id(qw)], qw.scales,
+                                                                 qw.log2_multiplier, args.group, layout_block=lb)
                                     for x, (qw, _, _) in sets]) if True else None
             # baselines
             t_bf16 = timer([lambda x=x, wb=wb: torch.matmul(x, wb.t()) for x, (_, wb, _) in sets])
@@ -156,7 +162,7 @@ def main() -> None:
     print(table(rows, ["N", "K", "M", "ours_us", "linear_us", "bf16_us", "fp8_us", "vs_bf16", "vs_fp8",
                        "linear_vs_bf16", "tflops"]))
     print({k: round(v, 3) for k, v in summary.items()})
-    write_json(args.json, dict(env=env, group_size=args.group, tuned=args.tune, timing="cuda_graph" if not
+    write_json(args.json, dict(env=env, group_size=args.group, layout_block=args.layout_block, tuned=args.tune, timing="cuda_graph" if not
                                args.no_graph else "eager", rows=rows, summary=summary))
     if args.save_tuned:
         write_json(args.save_tuned, tuned)

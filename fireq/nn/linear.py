@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from fireq_kernels import w4a8_linear
+from fireq_kernels.ops import triton_fp8_capable
 
-from ..formats.int4 import QuantizedWeight, n_groups
+from ..formats.int4 import QuantizedWeight, n_groups, pack_int4
+
+
+def kernel_layout_block(group_size: int) -> int:
+    """Block of the GEMM kernel's nibble layout for a group size (0: keep the checkpoint layout; FP8
+    MMAs over half-blocks need >= 32 channels)."""
+    return 128 if group_size in (-1, 0) or group_size >= 128 else (group_size if group_size >= 64 else 0)
 
 
 class QuantLinear(nn.Module):
@@ -22,6 +29,9 @@ class QuantLinear(nn.Module):
       scales: (out_features, n_groups) float8_e4m3fn or bfloat16, one per group of `group_size` inputs
       log2_multiplier: (1,) int32, e of the per-tensor power-of-two multiplier m = 2^e
       bias: (out_features,) or absent
+    On the first forward on an FP8 GPU, qweight is repacked in place into the GEMM kernel's layout
+    (fireq_kernels.gemm_w4a8.repack_half: no register interleave in the kernel); state_dict() still
+    writes the checkpoint layout, and quantized_weight() returns it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 128,
@@ -43,6 +53,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._log2m: int | None = None
+        self._layout_block = 0  # > 0: qweight holds the kernel layout with this block
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, act_quant: bool = True,
@@ -57,17 +68,48 @@ class QuantLinear(nn.Module):
             m.bias.copy_(bias.detach())
         return m
 
+    def checkpoint_qweight(self) -> torch.Tensor:
+        """qweight in the checkpoint layout, whatever layout the module holds now."""
+        if not self._layout_block:
+            return self.qweight
+        from fireq_kernels.gemm_w4a8 import unpack_half
+
+        return pack_int4(unpack_half(self.qweight, self.in_features, self._layout_block))
+
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, int(self.log2_multiplier.item()), self.in_features,
-                               self.group_size)
+        return QuantizedWeight(self.checkpoint_qweight(), self.scales, int(self.log2_multiplier.item()),
+                               self.in_features, self.group_size)
+
+    def _to_kernel_layout(self) -> None:
+        lb = kernel_layout_block(self.group_size)
+        if lb and not self._layout_block:
+            from fireq_kernels.gemm_w4a8 import repack_half
+
+            self.qweight = repack_half(self.qweight, self.in_features, lb)
+            self._layout_block = lb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._log2m is None:  # read once: .item() would sync the GPU every call
             self._log2m = int(self.log2_multiplier.item())
-        return w4a8_linear(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias, self.act_quant)
+        if self.act_quant and triton_fp8_capable(x.device):
+            self._to_kernel_layout()
+        elif self._layout_block:  # moved off the GPU: back to the layout the reference path reads
+            self.qweight = self.checkpoint_qweight()
+            self._layout_block = 0
+        return w4a8_linear(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias, self.act_quant,
+                           layout_block=self._layout_block)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._layout_block:
+            destination[prefix + "qweight"] = self.checkpoint_qweight()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._log2m = None
+        if self._layout_block:  # the incoming tensor is in the checkpoint layout
+            self.qweight = torch.empty(self.out_features, (self.in_features + 1) // 2, dtype=torch.uint8,
+                                       device=self.qweight.device)
+            self._layout_block = 0
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -114,3 +114,33 @@ def test_launcher_rejects_bad_input():
         w4a8_gemm_triton(xq, xs, qweight[:, :-1], scales, e, 128, b)
     with pytest.raises(TypeError):
         w4a8_gemm_triton(xq.float(), xs, qweight, scales, e, 128, b)
+
+
+HALF_CASES = [
+    # m, n, k, group, layout block, config
+    (1, 40, 300, 128, 128, dict(GEMV=True, BN=16, BK=512, SPLIT_K=2, num_warps=4, num_stages=2)),
+    (1, 48, 256, 64, 64, dict(GEMV=True, BN=16, BK=64, SPLIT_K=1, num_warps=4, num_stages=2)),
+    (4, 64, 576, 128, 128, _cfg(True, 2, 128)),  # ragged last block (576 = 4.5 x 128)
+    (21, 64, 256, -1, 64, _cfg(False, 1, 64)),  # per-channel
+    (9, 96, 384, 64, 64, dict(_cfg(True, 3, 64), FUSED=False)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,gs,lb,cfg", HALF_CASES)
+def test_gemm_kernel_layout_matches_float64(m, n, k, gs, lb, cfg):
+    from fireq_kernels.gemm_w4a8 import repack_half, unpack_half
+    from fireq.formats.int4 import unpack_int4
+
+    if GPU and not cfg.get("GEMV"):
+        cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
+    for seed in range(2):
+        x, qweight, scales, e, b = _operands(m, n, k, gs, seed + 10)
+        half = repack_half(qweight, k, lb)
+        assert torch.equal(unpack_half(half, k, lb), unpack_int4(qweight, k))  # exact round trip
+        xq, xs = quantize_fp8_rows_ref(x)
+        ref = w4a8_gemm_ref(xq, xs, qweight, scales, e, gs, b, torch.float64, torch.float64)
+        twin = w4a8_gemm_ref(xq, xs, qweight, scales, e, gs, b, torch.float32, torch.float32)
+        got = w4a8_gemm_triton(xq, xs, half, scales, e, gs, b, torch.float32, config=cfg, layout_block=lb)
+        err = (got.double() - ref).norm() / ref.norm()
+        err_twin = (twin.double() - ref).norm() / ref.norm()
+        assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-7), (err, err_twin)
