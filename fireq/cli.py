@@ -86,6 +86,33 @@ def evaluate(
         Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
 
 
+@app.command()
+def inspect(
+    model: Optional[str] = typer.Argument(None, help="the float model: HF directory, hub id or .gguf file"),
+    out: str = typer.Option(..., "--out", "-o", help="directory for the PNG plots and stats.json"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="take the recipe from this fireq checkpoint"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="recipe name or YAML file (default: default)"),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="text file or wikitext2 | c4 | pile"),
+    nsamples: int = typer.Option(8, "--nsamples", help="calibration windows (of the recipe's seqlen)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated layers to plot in detail"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Plot per-channel activation and key magnitudes per layer, before and after the recipe's transforms."""
+    from . import inspection
+
+    try:
+        r = _recipe(recipe, calib_data=calib_data, nsamples=nsamples)
+        try:
+            chosen = [int(i) for i in layers.split(",")] if layers else None
+        except ValueError:
+            raise FireqError(f"--layers: expected comma-separated integers, got {layers!r}") from None
+        paths = inspection.run(model, out, r, checkpoint, chosen, device)
+    except FireqError as e:
+        _fail(str(e))
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
 def _quiet_transformers() -> None:
     """transformers' own progress bars only on a terminal."""
     if not sys.stderr.isatty():
