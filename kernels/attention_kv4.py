@@ -2,7 +2,8 @@
 
 Inputs (the cache format of fireq.formats.kv, head-major):
   q: (B, Hq, Lq, D) float8_e4m3fn with q_scale (B, Hq, Lq) fp32     (per token per head)
-  k, v: (B, Hkv, Lk, D/2) uint8 codes (two a byte along D, even d low; symmetric: two's complement,
+  k, v: (B, Hkv, Lk, D/2) uint8 codes (fireq.formats.kv's layout: byte j of channel group g holds
+        channels g*G + j (low nibble) and g*G + G/2 + j (high); symmetric: two's complement,
         asymmetric: unsigned with zero points), k_scale, v_scale: (B, Hkv, Lk, D/G) fp8 or bf16,
         k_zero, v_zero: (B, Hkv, Lk, D/G) uint8 or None
   q_bias: (B, Hq, Lq, R), k_bias: (B, Hkv or 1, Lk, R) (FlashBias factors, R <= 64) or None
@@ -12,9 +13,10 @@ Output: (B, Hq, Lq, D) in out_dtype, = softmax(q k^T * scale + q_bias k_bias^T +
 
 Schedule: one program per (batch, KV head, block of BM rows, KV split). The rows are the Lq x (Hq/Hkv)
 (query, head) pairs of one GQA group, so K and V tiles are read once for the whole group (decode reads
-each KV head's cache once). Q.K^T is an FP8 tensor-core product per channel group with the key scales
-applied to the scores; P.V multiplies P (scaled by V's per-token scales) in fp16 with V's integer codes
-(exact in fp16). Online softmax in fp32 (exp2). With SPLITS > 1 (decode), each split writes a partial
+each KV head's cache once). Q.K^T is an FP8 tensor-core product per channel group (two, over the
+group's halves: the cache layout puts them in the two nibbles of a byte, so no register interleave is
+needed) with the key scales applied to the scores; P.V multiplies P (scaled by V's per-token scales) in
+fp16 with V's integer codes (exact in fp16), into two accumulators (low-nibble and high-nibble channels). Online softmax in fp32 (exp2). With SPLITS > 1 (decode), each split writes a partial
 output and its log-sum-exp, combined by a second small kernel.
 """
 
@@ -30,16 +32,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _unpack(codes, SYM: tl.constexpr, BN: tl.constexpr, DH: tl.constexpr):
-    """(BN, DH) uint8 -> (BN, 2*DH) int8 (two's complement nibbles, or unsigned 0..15)."""
+def _nibbles(codes, SYM: tl.constexpr):
+    """(BN, C) uint8 -> low and high nibbles, each (BN, C) int8 (two's complement, or unsigned 0..15)."""
     wi = codes.to(tl.int8, bitcast=True)
     if SYM:
-        lo = (wi << 4) >> 4
-        hi = wi >> 4
-    else:
-        lo = wi & 0xF
-        hi = (wi >> 4) & 0xF
-    return tl.join(lo, hi).reshape(BN, 2 * DH)
+        return (wi << 4) >> 4, wi >> 4
+    return wi & 0xF, (wi >> 4) & 0xF
 
 
 @triton.jit
@@ -81,9 +79,7 @@ def _attn_fwd(
 
     qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
     qk_scale = qs * (sm_scale * 1.4426950408889634)  # per row, in log2 units
-    offs_g = tl.arange(0, G)
     offs_gh = tl.arange(0, G // 2)
-    offs_d = tl.arange(0, D)
     offs_dh = tl.arange(0, D // 2)
     if HAS_BIAS and RT > 8:
         offs_r = tl.arange(0, R)
@@ -92,7 +88,10 @@ def _attn_fwd(
 
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
-    acc = tl.zeros((BM, D), dtype=tl.float32)
+    acc_a = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha (low nibbles)
+    acc_b = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha + G/2 (high nibbles)
+    gcol = offs_dh // (G // 2)  # group of each nibble column
+    cha = gcol * G + offs_dh % (G // 2)
     kbase = b * s_kb + hk * s_kh
     sbase = b * s_ksb + hk * s_ksh
     for start in range(k_lo, k_hi, BN):
@@ -100,17 +99,26 @@ def _attn_fwd(
         k_ok = kpos < k_hi
         s = tl.zeros((BM, BN), dtype=tl.float32)
         for gi in tl.static_range(NG):
-            qg = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_g[None, :],
-                         mask=row_ok[:, None], other=0.0)
+            # byte j of group gi holds channels gi*G + j (low nibble) and gi*G + G/2 + j (high): two
+            # products over the group's halves, no register interleave
+            qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
+            qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
+            qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
             kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
                          mask=k_ok[:, None], other=0)
-            kq = _unpack(kc, SYM, BN, G // 2)
+            ka, kb = _nibbles(kc, SYM)
             if not SYM:
                 kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0).to(tl.int8)
-                kq = kq - kz[:, None]
-            k8 = kq.to(tl.float16).to(tl.float8e4nv)
+                ka = ka - kz[:, None]
+                kb = kb - kz[:, None]
+            if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
+                sg = tl.dot(qa, tl.trans(ka.to(tl.float16).to(tl.float8e4nv)))
+                sg = tl.dot(qb, tl.trans(kb.to(tl.float16).to(tl.float8e4nv)), sg)
+            else:  # groups of 32: fp16 products over halves of 16 (FP8 values are exact in fp16)
+                sg = tl.dot(qa.to(tl.float16), tl.trans(ka.to(tl.float16)))
+                sg = tl.dot(qb.to(tl.float16), tl.trans(kb.to(tl.float16)), sg)
             ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
-            s += tl.dot(qg, tl.trans(k8)) * ksc[None, :]
+            s += sg * ksc[None, :]
         s = s * qk_scale[:, None]
         if HAS_BIAS:
             # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
@@ -136,27 +144,33 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
+        acc_a = acc_a * alpha[:, None]
+        acc_b = acc_b * alpha[:, None]
         m_i = m_new
-        # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16
+        # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16. Column c
+        # of a nibble tile is channel cha[c] (low) or cha[c] + G/2 (high)
         vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
-        vq = _unpack(vc, SYM, BN, D // 2)
+        va, vb = _nibbles(vc, SYM)
         if not SYM:
-            vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + (offs_d // G)[None, :], mask=k_ok[:, None],
+            vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
                          other=0).to(tl.int8)
-            vq = vq - vz
+            va = va - vz
+            vb = vb - vz
         if NG == 1:
             vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             pv = (p * vsc[None, :]).to(tl.float16)
-            acc += tl.dot(pv, vq.to(tl.float16))
+            acc_a += tl.dot(pv, va.to(tl.float16))
+            acc_b += tl.dot(pv, vb.to(tl.float16))
         else:
-            vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + (offs_d // G)[None, :], mask=k_ok[:, None],
+            vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
                           other=0.0).to(tl.float32)
-            acc += tl.dot(p.to(tl.float16), (vq.to(tl.float32) * vsc).to(tl.float16))
+            p16 = p.to(tl.float16)
+            acc_a += tl.dot(p16, (va.to(tl.float32) * vsc).to(tl.float16))
+            acc_b += tl.dot(p16, (vb.to(tl.float32) * vsc).to(tl.float16))
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + split * s_os + offs_d[None, :]
-    tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + split * s_os + cha[None, :]
+    tl.store(optr, (acc_a / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(optr + G // 2, (acc_b / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if SPLITS > 1:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=row_ok)

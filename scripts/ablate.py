@@ -78,6 +78,13 @@ VARIANTS = [
     ("default + token cap 5", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0)),
     ("default + token cap 10 + KV groups of 32", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=10.0, kv_group_size=32)),
     ("default + token cap 10 + BF16 weight scales", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=10.0, w_scale_dtype="bf16")),
+    ("default + token cap 3", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=3.0)),
+    ("default + token cap 5 + KV groups of 32", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0, kv_group_size=32)),
+    ("default + token cap 5 + KV groups of 64", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0, kv_group_size=64)),
+    ("default + token cap 2", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=2.0)),
+    ("default + token cap 5 + BF16 weight scales", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0, w_scale_dtype="bf16")),
+    ("default + token cap 5 + BF16 weight scales + KV groups of 64", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0,
+                                                                         w_scale_dtype="bf16", kv_group_size=64)),
 ]
 
 

@@ -7,8 +7,10 @@ K and V (B, H_kv, L, D) are quantized per token, per head, in groups of `group_s
 
 Asymmetric (zero points): s = (max - min) / 15, z = round(-min / s) in [0, 15],
 q = clamp(round(x / s) + z, 0, 15), x ~= (q - z) * s. Scales are FP8 E4M3 or BF16; zero points are
-stored as uint8. Codes are packed two a byte along D (fireq.formats.int4.pack_int4's layout;
-asymmetric codes are unsigned nibbles).
+stored as uint8. Codes are packed two a byte along D, by channel group: byte j of group g holds channel
+g*G + j in its low nibble and channel g*G + G/2 + j in its high nibble (the attention kernel then feeds
+the two nibbles of a byte to two products over the group's halves, with no register interleave).
+Symmetric codes are two's complement nibbles, asymmetric codes unsigned.
 
 Queries are FP8 E4M3 with one scale per token per head (fireq.formats.fp8.quantize_fp8_rows over D).
 """
@@ -20,7 +22,22 @@ from dataclasses import dataclass
 import torch
 
 from .fp8 import FP8_DTYPE, FP8_MAX
-from .int4 import pack_int4, unpack_int4
+
+
+def pack_kv_codes(q: torch.Tensor, group: int) -> torch.Tensor:
+    """Codes (..., D) (int, -8..7 or 0..15) -> (..., D/2) uint8 in the cache layout (module docstring)."""
+    d = q.shape[-1]
+    c = q.to(torch.int16).unflatten(-1, (d // group, 2, group // 2))
+    return ((c[..., 0, :] & 0xF) | ((c[..., 1, :] & 0xF) << 4)).flatten(-2).to(torch.uint8)
+
+
+def unpack_kv_codes(packed: torch.Tensor, group: int, signed: bool) -> torch.Tensor:
+    """Inverse of pack_kv_codes: (..., D/2) uint8 -> (..., D) int16 codes."""
+    p = packed.to(torch.int16).unflatten(-1, (-1, group // 2))
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    if signed:
+        lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8
+    return torch.stack((lo, hi), dim=-2).flatten(-3)
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,7 @@ def quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
         s = _cast(xg.abs().amax(-1) / 7.0, spec.scale_dtype)
         sf = s.float().unsqueeze(-1)
         q = torch.where(sf > 0, torch.round(xg / torch.where(sf > 0, sf, 1.0)), 0.0).clamp(-8, 7)
-        return QuantizedKV(pack_int4(q.flatten(-2).to(torch.int8)), s, None)
+        return QuantizedKV(pack_kv_codes(q.flatten(-2), g), s, None)
     lo, hi = xg.amin(-1), xg.amax(-1)
     s = _cast((hi - lo) / 15.0, spec.scale_dtype)
     sf = s.float()
@@ -70,19 +87,13 @@ def quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
     z = torch.where(sf > 0, torch.round(-lo / safe), 0.0).clamp(0, 15)
     q = (torch.round(xg / safe.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, 15)
     q = torch.where(sf.unsqueeze(-1) > 0, q, z.unsqueeze(-1))
-    packed = (q.flatten(-2).to(torch.int16))
-    packed = (packed[..., 0::2] | (packed[..., 1::2] << 4)).to(torch.uint8)
-    return QuantizedKV(packed, s, z.to(torch.uint8))
+    return QuantizedKV(pack_kv_codes(q.flatten(-2), g), s, z.to(torch.uint8))
 
 
 def dequantize_kv(qkv: QuantizedKV, head_dim: int, spec: KVSpec, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of quantize_kv: (..., D) in dtype."""
     g = spec.group(head_dim)
-    if spec.symmetric:
-        q = unpack_int4(qkv.packed, head_dim).float()
-    else:
-        p = qkv.packed.to(torch.int16)
-        q = torch.stack((p & 0xF, (p >> 4) & 0xF), dim=-1).flatten(-2).float()
+    q = unpack_kv_codes(qkv.packed, g, signed=qkv.zeros is None).float()
     q = q.unflatten(-1, (head_dim // g, g))
     if qkv.zeros is not None:
         q = q - qkv.zeros.float().unsqueeze(-1)
