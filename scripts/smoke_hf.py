@@ -64,6 +64,14 @@ def main() -> None:
                   f"float32 reference rel err {rel:.3e} (float32 on {args.device}: {rel32:.3e}); generate -> {tuple(gen.shape)}; "
                   f"q_proj {type(m2.model.layers[0].self_attn.q_proj).__name__}")
             assert torch.equal(a, b) and torch.isfinite(a).all() and gen.shape == (1, 30)
+            # on an FP8 GPU the linears hold the kernel's weight layout; state_dict() still gives the file's
+            from safetensors.torch import load_file
+
+            name = "model.layers.0.self_attn.q_proj.qweight"
+            disk = load_file(os.path.join(out, "model.safetensors"))[name]
+            lay = m1.model.layers[0].self_attn.q_proj._layout_block
+            assert torch.equal(m1.state_dict()[name].cpu(), disk)
+            print(f"  q_proj layout block {lay}; state_dict qweight == file: True")
     print("smoke ok")
 
 
