@@ -43,7 +43,7 @@ def _nibbles(codes, SYM: tl.constexpr):
 @triton.jit
 def _attn_fwd(
     q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
-    out_ptr, lse_ptr,
+    out_ptr, lse_ptr, lq_ptr, lk_ptr,
     Lq, Lk, sm_scale, window,
     s_qb, s_qh, s_ql, s_qsb, s_qsh,
     s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl,
@@ -51,7 +51,7 @@ def _attn_fwd(
     s_ob, s_oh, s_ol, s_os,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -61,17 +61,24 @@ def _attn_fwd(
     b = bh // HKV
     hk = bh % HKV
 
+    if HAS_LENS:  # ragged batch: this sequence's queries and keys are the first lq_b and lk_b
+        LQB = tl.load(lq_ptr + b)
+        LKB = tl.load(lk_ptr + b)
+    else:
+        LQB = Lq
+        LKB = Lk
     rows = pid_m * BM + tl.arange(0, BM)  # flattened (query position, head in group)
     qpos = rows // REP
     hq = hk * REP + rows % REP
-    row_ok = qpos < Lq
-    abs_q = Lk - Lq + qpos  # absolute position of each query
+    in_mem = qpos < Lq  # rows of the (padded) output
+    row_ok = qpos < LQB
+    abs_q = LKB - LQB + qpos  # absolute position of each query
 
     # key range of this split (and, when causal, of this block of queries)
-    hi = Lk
+    hi = LKB
     if CAUSAL:
-        hi = tl.minimum(Lk, Lk - Lq + (pid_m * BM + BM - 1) // REP + 1)
-    lo_w = tl.maximum(0, Lk - Lq + (pid_m * BM) // REP - window + 1)
+        hi = tl.minimum(LKB, LKB - LQB + (pid_m * BM + BM - 1) // REP + 1)
+    lo_w = tl.maximum(0, LKB - LQB + (pid_m * BM) // REP - window + 1)
     lo = tl.where(window > 0, (lo_w // BN) * BN, 0)
     per = tl.cdiv(tl.cdiv(hi - lo, BN), SPLITS) * BN
     k_lo = lo + split * per
@@ -169,11 +176,11 @@ def _attn_fwd(
             acc_b += tl.dot(p16, (vb.to(tl.float32) * vsc).to(tl.float16))
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + split * s_os + cha[None, :]
-    tl.store(optr, (acc_a / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(optr + G // 2, (acc_b / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(optr, (acc_a / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
+    tl.store(optr + G // 2, (acc_b / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
     if SPLITS > 1:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=row_ok)
+        tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=in_mem)
 
 
 @triton.jit
@@ -204,8 +211,14 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                          out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
                          block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                         num_stages: int = 2) -> torch.Tensor:
-    """See the module docstring for shapes. Returns (B, Hq, Lq, D)."""
+                         num_stages: int = 2, seqlens_q: torch.Tensor | None = None,
+                         seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring for shapes. Returns (B, Hq, Lq, D).
+
+    Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
+    0..seqlens_q[b]-1 of Lq and its keys the first seqlens_k[b] of Lk (right padding, values not
+    checked here: <= Lq and <= Lk); its query i sits at position seqlens_k[b] - seqlens_q[b] + i.
+    Padded query rows come back as zeros."""
     bsz, hq, lq, d = q8.shape
     _, hkv, lk, dh = k.shape
     if q8.dtype != torch.float8_e4m3fn or k.dtype != torch.uint8 or v.dtype != torch.uint8:
@@ -245,6 +258,12 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         splits = 1
         while blocks * splits < 264 and splits < 64 and lk >= 2 * splits * bn * 2:
             splits *= 2
+    has_lens = seqlens_q is not None or seqlens_k is not None
+    if has_lens:
+        if seqlens_q is None or seqlens_k is None or seqlens_q.shape != (bsz,) or seqlens_k.shape != (bsz,):
+            raise ValueError("kv4_attention_triton: give both seqlens_q and seqlens_k, each (B,)")
+        seqlens_q = seqlens_q.to(device=q8.device, dtype=torch.int32).contiguous()
+        seqlens_k = seqlens_k.to(device=q8.device, dtype=torch.int32).contiguous()
     q_scale = q_scale.float().contiguous()
     dev = q8.device
     if splits > 1:
@@ -261,6 +280,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     _attn_fwd[grid](
         q8, q_scale, k, k_scale, k_zero if not sym else dummy, v, v_scale, v_zero if not sym else dummy,
         q_bias if has_bias else dummy, k_bias if has_bias else dummy, o, lse,
+        seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
         lq, lk, sm_scale, window,
         q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
         k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
@@ -268,7 +288,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                               if has_bias else (0, 0, 0)),
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_LENS=has_lens, num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out

@@ -124,3 +124,32 @@ def test_svd_factorization_reports_error():
     pq, pk, err = factor_bias(bias, energy=0.999)
     assert pq.shape[1] == pk.shape[1] <= 4
     assert err == pytest.approx(((pq @ pk.t() - bias).norm() / bias.norm()).item(), rel=1e-9) and err < 0.01
+
+
+@pytest.mark.parametrize("lq,lk,causal,window,splits", [(13, 29, True, 0, 1), (13, 29, False, 0, 1), (9, 9, True, 5, 1),
+                                                       (1, 41, True, 0, 3), (2, 41, True, 0, 2)])
+def test_ragged_batch(lq, lk, causal, window, splits):
+    """Right-padded batch with per-sequence query and key lengths; padded query rows give zeros."""
+    b, hq, hkv, d = 3, 4, 2, 64 if GPU else 32
+    spec = KVSpec(symmetric=False)
+    q8, qs, qk, qv, _, _ = _case(b, hq, hkv, lq, lk, d, spec, seed=lq * 7 + lk)
+    lens_q = torch.tensor([lq, max(1, lq - 4), 1])
+    lens_k = torch.tensor([lk, lk - 6, max(int(lens_q[2]), lk - 11)])
+    lens_k[1] = max(int(lens_k[1]), int(lens_q[1]))
+    keep = torch.zeros(b, 1, lq, lk, dtype=torch.bool)
+    for i in range(b):
+        keep[i, 0, :lens_q[i], :lens_k[i]] = _mask(int(lens_q[i]), int(lens_k[i]), causal, window)
+    scale = 1 / math.sqrt(d)
+    qd = q8.double() * qs.double()
+    kd, vd = dequantize_kv(qk, d, spec, torch.float64), dequantize_kv(qv, d, spec, torch.float64)
+    ref = kv4_attention_ref(qd, kd, vd, scale, keep, acc_dtype=torch.float64)
+    twin = kv4_attention_ref(qd.float(), kd.float(), vd.float(), scale, keep)
+    got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
+                               qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, qk.zeros.to(DEV),
+                               qv.zeros.to(DEV), out_dtype=torch.float32, splits=splits, block_m=16,
+                               block_n=16 if not GPU else 64, seqlens_q=lens_q.to(DEV), seqlens_k=lens_k.to(DEV)).cpu()
+    for i in range(b):  # padded rows are zeros
+        assert torch.all(got[i, :, lens_q[i]:] == 0)
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
+    assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
