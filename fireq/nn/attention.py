@@ -86,6 +86,18 @@ def _kernel_ok(module, query, key, attention_mask, aq: AttentionQuant, kwargs) -
     return triton_fp8_capable(query.device)
 
 
+def _quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
+    """The cache write: one Triton kernel on an FP8 GPU (bit-identical to quantize_kv), else PyTorch."""
+    from fireq_kernels.ops import triton_fp8_capable
+
+    d, g = x.shape[-1], spec.group(x.shape[-1])
+    if triton_fp8_capable(x.device) and not d & (d - 1) and not g & (g - 1):
+        from fireq_kernels.kv_write import quantize_kv_triton
+
+        return quantize_kv_triton(x, spec)
+    return quantize_kv(x, spec)
+
+
 def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwargs):
     from fireq_kernels.attention_kv4 import kv4_attention_triton
 
@@ -93,8 +105,8 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
 
     packed = getattr(key, "_fireq_packed", None)
     if packed is None:  # no INT4 cache: quantize this call's K and V
-        qk = quantize_kv(_scale_keys(module, key), aq.kv)
-        qv = quantize_kv(value, aq.kv)
+        qk = _quantize_kv(_scale_keys(module, key), aq.kv)
+        qv = _quantize_kv(value, aq.kv)
     else:
         qk, qv = packed
     q = _unscale_queries(module, query)
@@ -149,8 +161,8 @@ def _make_layer_class():
                 self.lazy_initialization(key_states, value_states)
             spec = self.attn.fireq_attn.kv
             key_states = _scale_keys(self.attn, key_states)
-            self.qk = _cat(self.qk, quantize_kv(key_states, spec))
-            self.qv = _cat(self.qv, quantize_kv(value_states, spec))
+            self.qk = _cat(self.qk, _quantize_kv(key_states, spec))
+            self.qv = _cat(self.qv, _quantize_kv(value_states, spec))
             self.cumulative_length += key_states.shape[-2]
             k = dequantize_kv(self.qk, self.head_dim, spec, self.dtype)
             v = dequantize_kv(self.qv, self.head_dim, spec, self.dtype)

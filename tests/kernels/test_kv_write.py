@@ -1,0 +1,36 @@
+"""The Triton KV cache write equals fireq.formats.kv.quantize_kv bit for bit (codes, scales, zero points)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fireq.formats.kv import KVSpec, quantize_kv
+from fireq_kernels.kv_write import quantize_kv_triton
+
+GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+DEV = "cuda" if GPU else "cpu"
+if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs an FP8 GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(group_size=32),
+                                  KVSpec(group_size=32, symmetric=False, scale_dtype="bf16"),
+                                  KVSpec(scale_dtype="bf16")])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kv_write_matches_format(spec, d):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 3, 37, d, generator=g) * torch.rand(2, 3, 37, 1, generator=g) * 5
+    x[0, 0, 0] = 0.0  # an all-zero token: scale 0
+    x[1, 2, 5, :7] = 1000.0  # an outlier group
+    x = x.to(DEV).to(torch.bfloat16).transpose(1, 2).transpose(1, 2)  # strided like HF's key states
+    ref = quantize_kv(x, spec)
+    got = quantize_kv_triton(x, spec)
+    assert torch.equal(got.packed, ref.packed)
+    assert torch.equal(got.scales.float(), ref.scales.float())
+    if spec.symmetric:
+        assert got.zeros is None
+    else:
+        assert torch.equal(got.zeros, ref.zeros)
