@@ -36,45 +36,49 @@ def _round_to_bf16_grid(y):
 @triton.jit
 def _kv_write_kernel(x_ptr, q_ptr, s_ptr, z_ptr, R, stride_x, D: tl.constexpr, G: tl.constexpr,
                      BR: tl.constexpr, SYM: tl.constexpr, FP8_SCALE: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """Per group: its two halves are loaded as two (BR, G/2) tiles, which are exactly the low and high
+    nibbles of the group's G/2 output bytes (no reshapes or register shuffles)."""
     NG: tl.constexpr = D // G
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     ok = rows < R
-    offs = tl.arange(0, D)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + offs[None, :], mask=ok[:, None], other=0.0)
-    xg = tl.reshape(x.to(tl.float32), (BR, NG, G))
-    if SYM:
-        s = tl.math.div_rn(tl.max(tl.abs(xg), axis=2), tl.full((BR, NG), 7.0, tl.float32))
-    else:
-        lo = tl.min(xg, axis=2)
-        s = tl.math.div_rn(tl.max(xg, axis=2) - lo, tl.full((BR, NG), 15.0, tl.float32))
-    if FP8_SCALE:
-        s = tl.minimum(s, 448.0)
-        if EXACT_ROUND:
-            s = _round_to_fp8_grid(s)
-        s8 = s.to(tl.float8e4nv)
-        s = s8.to(tl.float32)
-    else:
-        if EXACT_ROUND:
-            s = _round_to_bf16_grid(s)
-        s8 = s.to(tl.bfloat16)
-        s = s8.to(tl.float32)
-    pos = s > 0.0
-    safe = tl.where(pos, s, 1.0)
-    q = _rne(tl.math.div_rn(xg, safe[:, :, None]))
-    if SYM:
-        q = tl.where(pos[:, :, None], tl.minimum(tl.maximum(q, -8.0), 7.0), 0.0)
-    else:
-        z = tl.where(pos, tl.minimum(tl.maximum(_rne(tl.math.div_rn(-lo, safe)), 0.0), 15.0), 0.0)
-        q = tl.where(pos[:, :, None], tl.minimum(tl.maximum(q + z[:, :, None], 0.0), 15.0), z[:, :, None])
-        offs_g = tl.arange(0, NG)
-        tl.store(z_ptr + rows[:, None].to(tl.int64) * NG + offs_g[None, :], z.to(tl.uint8), mask=ok[:, None])
-    qi = q.to(tl.int32) & 0xF
-    lo_n, hi_n = tl.split(tl.permute(tl.reshape(qi, (BR, NG, 2, G // 2)), (0, 1, 3, 2)))
-    packed = tl.reshape(lo_n | (hi_n << 4), (BR, D // 2)).to(tl.uint8)
-    offs_h = tl.arange(0, D // 2)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * (D // 2) + offs_h[None, :], packed, mask=ok[:, None])
-    offs_g = tl.arange(0, NG)
-    tl.store(s_ptr + rows[:, None].to(tl.int64) * NG + offs_g[None, :], s8, mask=ok[:, None])
+    offs = tl.arange(0, G // 2)
+    xrow = x_ptr + rows[:, None].to(tl.int64) * stride_x
+    for gi in tl.static_range(NG):
+        xa = tl.load(xrow + gi * G + offs[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        xb = tl.load(xrow + gi * G + G // 2 + offs[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        if SYM:
+            amax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
+            s = tl.math.div_rn(amax, tl.full((BR,), 7.0, tl.float32))
+        else:
+            lo = tl.minimum(tl.min(xa, axis=1), tl.min(xb, axis=1))
+            hi = tl.maximum(tl.max(xa, axis=1), tl.max(xb, axis=1))
+            s = tl.math.div_rn(hi - lo, tl.full((BR,), 15.0, tl.float32))
+        if FP8_SCALE:
+            s = tl.minimum(s, 448.0)
+            if EXACT_ROUND:
+                s = _round_to_fp8_grid(s)
+            s_st = s.to(tl.float8e4nv)
+        else:
+            if EXACT_ROUND:
+                s = _round_to_bf16_grid(s)
+            s_st = s.to(tl.bfloat16)
+        s = s_st.to(tl.float32)
+        pos = s > 0.0
+        safe = tl.where(pos, s, 1.0)
+        qa = _rne(tl.math.div_rn(xa, safe[:, None]))
+        qb = _rne(tl.math.div_rn(xb, safe[:, None]))
+        if SYM:
+            qa = tl.where(pos[:, None], tl.minimum(tl.maximum(qa, -8.0), 7.0), 0.0)
+            qb = tl.where(pos[:, None], tl.minimum(tl.maximum(qb, -8.0), 7.0), 0.0)
+        else:
+            z = tl.where(pos, tl.minimum(tl.maximum(_rne(tl.math.div_rn(-lo, safe)), 0.0), 15.0), 0.0)
+            qa = tl.where(pos[:, None], tl.minimum(tl.maximum(qa + z[:, None], 0.0), 15.0), z[:, None])
+            qb = tl.where(pos[:, None], tl.minimum(tl.maximum(qb + z[:, None], 0.0), 15.0), z[:, None])
+            tl.store(z_ptr + rows.to(tl.int64) * NG + gi, z.to(tl.uint8), mask=ok)
+        byte = (qa.to(tl.int32) & 0xF) | ((qb.to(tl.int32) & 0xF) << 4)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * (D // 2) + gi * (G // 2) + offs[None, :], byte.to(tl.uint8),
+                 mask=ok[:, None])
+        tl.store(s_ptr + rows.to(tl.int64) * NG + gi, s_st, mask=ok)
 
 
 def quantize_kv_triton(x: torch.Tensor, spec):

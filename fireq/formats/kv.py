@@ -76,12 +76,13 @@ def quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
         raise ValueError(f"KV group size {g} must divide head_dim {d}")
     xg = x.float().unflatten(-1, (d // g, g))
     if spec.symmetric:
-        s = _cast(xg.abs().amax(-1) / 7.0, spec.scale_dtype)
+        amax = xg.abs().amax(-1)  # divided by a same-device tensor: IEEE division on every device (CUDA
+        s = _cast(amax / torch.full_like(amax, 7.0), spec.scale_dtype)  # turns x / 7.0 into x * (1/7))
         sf = s.float().unsqueeze(-1)
         q = torch.where(sf > 0, torch.round(xg / torch.where(sf > 0, sf, 1.0)), 0.0).clamp(-8, 7)
         return QuantizedKV(pack_kv_codes(q.flatten(-2), g), s, None)
     lo, hi = xg.amin(-1), xg.amax(-1)
-    s = _cast((hi - lo) / 15.0, spec.scale_dtype)
+    s = _cast((hi - lo) / torch.full_like(lo, 15.0), spec.scale_dtype)
     sf = s.float()
     safe = torch.where(sf > 0, sf, 1.0)
     z = torch.where(sf > 0, torch.round(-lo / safe), 0.0).clamp(0, 15)

@@ -86,16 +86,33 @@ def _kernel_ok(module, query, key, attention_mask, aq: AttentionQuant, kwargs) -
     return triton_fp8_capable(query.device)
 
 
+_KV_WRITE_OK: dict = {}
+
+
 def _quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
-    """The cache write: one Triton kernel on an FP8 GPU (bit-identical to quantize_kv), else PyTorch."""
+    """The cache write: one Triton kernel on an FP8 GPU, else PyTorch. The kernel is meant to be
+    bit-identical to quantize_kv; its first use per (device, spec) checks that on the data at hand and
+    falls back to PyTorch, with a warning, if it is not."""
     from fireq_kernels.ops import triton_fp8_capable
 
     d, g = x.shape[-1], spec.group(x.shape[-1])
-    if triton_fp8_capable(x.device) and not d & (d - 1) and not g & (g - 1):
-        from fireq_kernels.kv_write import quantize_kv_triton
+    if not (triton_fp8_capable(x.device) and not d & (d - 1) and not g & (g - 1)):
+        return quantize_kv(x, spec)
+    from fireq_kernels.kv_write import quantize_kv_triton
 
-        return quantize_kv_triton(x, spec)
-    return quantize_kv(x, spec)
+    key = (x.device, spec, d)
+    if key not in _KV_WRITE_OK:
+        got, ref = quantize_kv_triton(x, spec), quantize_kv(x, spec)
+        same = torch.equal(got.packed, ref.packed) and torch.equal(got.scales.float(), ref.scales.float()) and (
+            got.zeros is None or torch.equal(got.zeros, ref.zeros))
+        _KV_WRITE_OK[key] = same
+        if not same:
+            import warnings
+
+            warnings.warn("fireq: the Triton KV cache write differs from the format's quantizer on this GPU; "
+                          "using the PyTorch one")
+        return ref
+    return quantize_kv_triton(x, spec) if _KV_WRITE_OK[key] else quantize_kv(x, spec)
 
 
 def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwargs):

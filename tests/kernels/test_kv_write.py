@@ -28,8 +28,10 @@ def test_kv_write_matches_format(spec, d):
     x = x.to(DEV).to(torch.bfloat16).transpose(1, 2).transpose(1, 2)  # strided like HF's key states
     ref = quantize_kv(x, spec)
     got = quantize_kv_triton(x, spec)
-    assert torch.equal(got.packed, ref.packed)
-    assert torch.equal(got.scales.float(), ref.scales.float())
+    bad_s = (got.scales.float() != ref.scales.float()).sum().item()
+    bad_q = (got.packed != ref.packed).sum().item()
+    bad_z = 0 if spec.symmetric else (got.zeros != ref.zeros).sum().item()
+    assert bad_s == bad_q == bad_z == 0, f"mismatches: scales {bad_s}, code bytes {bad_q}, zeros {bad_z}"
     if spec.symmetric:
         assert got.zeros is None
     else:
