@@ -13,7 +13,13 @@ Tensors of each quantized linear `P` (every q/k/v/o/gate/up/down projection of e
   P.bias             (N,) when the layer has one
 Attention modules with post-RoPE scaling carry `self_attn.k_post_scale` (H_kv, head_dim) float32:
 K is multiplied by it after RoPE, Q divided by it, before quantization.
-Every other tensor (embeddings, norms, lm_head) is stored as in a float checkpoint.
+Every other tensor (embeddings, norms, lm_head) is stored as in a float checkpoint; with
+`rotate_residual` the embeddings and lm_head are stored rotated and untied (tie_word_embeddings false).
+
+At run time, not on disk: on an FP8 GPU each QuantLinear repacks qweight into the GEMM kernel's layout
+(fireq_kernels.gemm_w4a8.repack_half: K padded to whole 128-channel blocks, byte j of a block holding
+channels j and j + 64), and state_dict() gives this layout back. The INT4 KV cache packs each channel
+group's halves into the two nibbles of a byte (fireq.formats.kv).
 
 quantization_config:
   quant_method: "fireq", format_version: 1,
