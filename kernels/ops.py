@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 
@@ -41,6 +42,41 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
     if layout_block:
         raise ValueError("the reference path reads the checkpoint layout (layout_block=0)")
     return reference.w4a8_linear_ref(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# The same functions as custom ops with fake (meta) implementations, so torch.compile and CUDA-graph
+# capture trace through them without looking inside Triton. Eager code calls the plain functions (a
+# custom op's dispatch costs microseconds a call, which decode-sized linears cannot afford); QuantLinear
+# and the attention switch to these ops while torch.compile traces.
+
+
+@torch.library.custom_op("fireq::w4a8_linear", mutates_args=())
+def w4a8_linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
+                   group_size: int, bias: Optional[torch.Tensor], act_quant: bool, layout_block: int) -> torch.Tensor:
+    return w4a8_linear(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant, layout_block)
+
+
+@w4a8_linear_op.register_fake
+def _w4a8_linear_fake(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant, layout_block):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("fireq::kv4_attention", mutates_args=())
+def kv4_attention_op(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
+                     v: torch.Tensor, v_scale: torch.Tensor, sm_scale: float, causal: bool, window: int,
+                     k_zero: Optional[torch.Tensor], v_zero: Optional[torch.Tensor], q_bias: Optional[torch.Tensor],
+                     k_bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    from .attention_kv4 import kv4_attention_triton
+
+    return kv4_attention_triton(q8, q_scale, k, k_scale, v, v_scale, sm_scale, causal, window, k_zero, v_zero,
+                                q_bias, k_bias, out_dtype=out_dtype)
+
+
+@kv4_attention_op.register_fake
+def _kv4_attention_fake(q8, q_scale, k, k_scale, v, v_scale, sm_scale, causal, window, k_zero, v_zero, q_bias,
+                        k_bias, out_dtype):
+    return q8.new_empty(q8.shape, dtype=out_dtype)
 
 
 def kv4_attention(q, k, v, scale, mask=None, q_bias=None, k_bias=None):

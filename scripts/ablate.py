@@ -85,6 +85,8 @@ VARIANTS = [
     ("default + token cap 5 + BF16 weight scales", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0, w_scale_dtype="bf16")),
     ("default + token cap 5 + BF16 weight scales + KV groups of 64", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=5.0,
                                                                          w_scale_dtype="bf16", kv_group_size=64)),
+    ("weights only, RTN + clip search (token cap 3)", dict(act_quant=False, query_fp8=False, kv_bits=16,
+                                                           w_clip_search=True, calib_token_cap=3.0)),
 ]
 
 

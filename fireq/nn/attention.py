@@ -130,9 +130,16 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
     q8, qs = quantize_fp8_rows(q)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale,
-                               causal=getattr(module, "is_causal", True), window=int(window), k_zero=qk.zeros,
-                               v_zero=qv.zeros, out_dtype=query.dtype)
+    causal = getattr(module, "is_causal", True)
+    if torch.compiler.is_compiling():
+        from fireq_kernels.ops import kv4_attention_op
+
+        out = kv4_attention_op(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale, causal,
+                               int(window), qk.zeros, qv.zeros, None, None, query.dtype)
+    else:
+        out = kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale,
+                                   causal=causal, window=int(window), k_zero=qk.zeros, v_zero=qv.zeros,
+                                   out_dtype=query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -91,6 +91,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._log2m is None:  # read once: .item() would sync the GPU every call
             self._log2m = int(self.log2_multiplier.item())
+        if torch.compiler.is_compiling():  # traced: the torch.library op, no module state changes
+            from fireq_kernels.ops import w4a8_linear_op  # (run one eager forward first: layout, log2m)
+
+            return w4a8_linear_op(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias,
+                                  self.act_quant, self._layout_block)
         if self.act_quant and triton_fp8_capable(x.device):
             self._to_kernel_layout()
         elif self._layout_block:  # moved off the GPU: back to the layout the reference path reads
