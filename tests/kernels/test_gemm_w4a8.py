@@ -23,11 +23,11 @@ def _cfg(swap, split, bk, bm=16, bn=32):
     return dict(SWAP=swap, BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=4, num_warps=4, num_stages=2)
 
 
-def _operands(m, n, k, gs, seed, bias=True):
+def _operands(m, n, k, gs, seed, bias=True, scale_dtype="fp8"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4).to(DEV)
     w = torch.randn(n, k, generator=g) * 0.03
-    qw = quantize_int4(w, gs)
+    qw = quantize_int4(w, gs, scale_dtype)
     b = (torch.randn(n, generator=g) * 0.1).to(DEV) if bias else None
     return x, qw.qweight.to(DEV), qw.scales.to(DEV), qw.log2_multiplier, b
 
@@ -123,6 +123,9 @@ HALF_CASES = [
     (4, 64, 576, 128, 128, _cfg(True, 2, 128)),  # ragged last block (576 = 4.5 x 128)
     (21, 64, 256, -1, 64, _cfg(False, 1, 64)),  # per-channel
     (9, 96, 384, 64, 64, dict(_cfg(True, 3, 64), FUSED=False)),
+    (1, 40, 384, 128, 128, dict(GEMV=True, BN=16, BK=256, SPLIT_K=1, num_warps=4, num_stages=2, SCALES="bf16")),
+    (6, 64, 256, 128, 128, dict(_cfg(True, 2, 128), SCALES="bf16")),
+    (20, 64, 256, 64, 64, dict(_cfg(False, 1, 64), SCALES="bf16")),
 ]
 
 
@@ -131,10 +134,12 @@ def test_gemm_kernel_layout_matches_float64(m, n, k, gs, lb, cfg):
     from fireq_kernels.gemm_w4a8 import repack_half, unpack_half
     from fireq.formats.int4 import unpack_int4
 
+    cfg = dict(cfg)
+    sdt = cfg.pop("SCALES", "fp8")
     if GPU and not cfg.get("GEMV"):
         cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
     for seed in range(2):
-        x, qweight, scales, e, b = _operands(m, n, k, gs, seed + 10)
+        x, qweight, scales, e, b = _operands(m, n, k, gs, seed + 10, scale_dtype=sdt)
         half = repack_half(qweight, k, lb)
         assert torch.equal(unpack_half(half, k, lb), unpack_int4(qweight, k))  # exact round trip
         xq, xs = quantize_fp8_rows_ref(x)
