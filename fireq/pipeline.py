@@ -79,7 +79,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
         stats = None
         if calibrate:
             stats = collect(layer, inputs, cap.kwargs[i], device,
-                            head_dim=head_dim, n_kv_heads=config.num_key_value_heads, token_cap=recipe.calib_token_cap)
+                            head_dim=head_dim, n_kv_heads=config.num_key_value_heads, token_cap=recipe.calib_token_cap,
+                            keep_rows=4096 if recipe.smooth_search else 0)
         extras = transform.apply(layer, stats, recipe, arch, config)
         attention.attach(layer.self_attn, aq, extras.get("k_post_scale"))
         if recipe.method == "gptq" and calibrate:

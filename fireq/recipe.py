@@ -51,6 +51,7 @@ class Recipe:
     channel_scaling_c_gate_up: float = 0.0096
     channel_scaling_c_down: float = 0.015
     smooth_alpha: float = -1.0  # activation-aware smoothing exponent; < 0 off
+    smooth_search: bool = False  # choose the exponent (or none) per block on the block-output error
     rotate_residual: bool = False  # randomized Hadamard on the residual stream, folded into the weights
     rotate_vo: bool = False  # per-head Hadamard on V and o_proj's input, folded into the weights
     # calibration
@@ -99,6 +100,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """True when some stage consumes activation statistics (RTN alone needs none)."""
         return (self.method == "gptq" or self.pre_rope_scaling or self.post_rope_scaling or self.smooth_alpha >= 0
+                or self.smooth_search
                 or self.w_clip_search)
 
     def to_dict(self) -> dict:

@@ -88,6 +88,8 @@ VARIANTS = [
     ("weights only, RTN + clip search (token cap 3)", dict(act_quant=False, query_fp8=False, kv_bits=16,
                                                            w_clip_search=True, calib_token_cap=3.0)),
     ("default (token cap 3) + BF16 weight scales", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=3.0, w_scale_dtype="bf16")),
+    ("default + smoothing exponent searched per block", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=3.0, smooth_search=True)),
+    ("default + SmoothQuant a=0.5 (statistics follow the smoothing)", dict(w_clip_search=True, pre_rope_scaling=True, post_rope_scaling=True, kv_symmetric=False, calib_token_cap=3.0, smooth_alpha=0.5)),
 ]
 
 

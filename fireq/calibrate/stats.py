@@ -22,6 +22,7 @@ class LayerStats:
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # sampled input rows (smoothing search)
     key_absmax: torch.Tensor | None = None
     key_pair_norm: torch.Tensor | None = None
     rope_key_absmax: torch.Tensor | None = None
@@ -89,8 +90,9 @@ def collect_hessians(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
 
 @torch.no_grad()
 def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, *,
-            head_dim: int, n_kv_heads: int, token_cap: float = 0.0) -> LayerStats:
-    """Run the float layer on `inputs` and collect LayerStats."""
+            head_dim: int, n_kv_heads: int, token_cap: float = 0.0, keep_rows: int = 0) -> LayerStats:
+    """Run the float layer on `inputs` and collect LayerStats. keep_rows > 0: also keep that many
+    evenly spaced input rows of every linear (LayerStats.inputs)."""
     from .layerwise import _to
 
     st = LayerStats()
@@ -102,6 +104,11 @@ def collect(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, 
             st.act_absmax[name] = _amax(st.act_absmax.get(name), x.abs().amax(0).cpu())
             sq = (cap_tokens(x, token_cap).double() ** 2).sum(0).cpu()
             st.act_sq[name] = sq if name not in st.act_sq else st.act_sq[name] + sq
+            if keep_rows:
+                per = max(1, keep_rows // len(inputs))
+                idx = torch.linspace(0, x.shape[0] - 1, min(per, x.shape[0])).long()
+                rows = x[idx].cpu()
+                st.inputs[name] = rows if name not in st.inputs else torch.cat([st.inputs[name], rows])
         return f
 
     for name, lin in layer_linears(layer).items():

@@ -23,7 +23,7 @@ def apply(layer: nn.Module, stats: LayerStats | None, recipe: Recipe, arch: Arch
         apply_smoothing(layer, LayerStats(), recipe, arch)  # weight-only: needs no statistics
     if stats is None:
         return extras
-    if recipe.smooth_alpha >= 0 or recipe.channel_scaling:
+    if recipe.smooth_alpha >= 0 or recipe.channel_scaling or recipe.smooth_search:
         from .smooth import apply_smoothing
 
         apply_smoothing(layer, stats, recipe, arch)

@@ -109,3 +109,47 @@ def test_smoothing_keeps_logits_float64():
         with torch.no_grad():
             a, b = m(x).logits, ref(x).logits
         assert ((a - b).abs().max() / b.abs().max()) < 1e-6, arch
+
+
+def test_smoothing_search_picks_per_block_and_tracks_statistics(tiny_dirs, calib_file):
+    """smooth_search chooses an exponent (or none) per block by the quantized block-output error; the
+    statistics the clipping search reads follow the folded scales; the float layer is unchanged."""
+    from fireq.calibrate.layerwise import capture_inputs
+    from fireq.calibrate.stats import collect
+    from fireq.data import calibration_samples, load_text, tokenize
+    from fireq.models.registry import arch_of
+    from fireq.models.source import load_float_model, resolve
+    from fireq.transform.smooth import SEARCH_ALPHAS, apply_smoothing, block_error, search_smoothing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    samples = calibration_samples(tokenize(tok, load_text(str(calib_file))), 2, 32, 0)
+    m = load_float_model(resolve(str(tiny_dirs["llama"]))).double()
+    cap = capture_inputs(m, samples.long(), "cpu")
+    layer = m.model.layers[0]
+    cfg = m.config
+    inputs = [x.double() for x in cap.inputs]
+    st = collect(layer, inputs, cap.kwargs[0], "cpu", head_dim=cfg.head_dim, n_kv_heads=cfg.num_key_value_heads,
+                 keep_rows=64)
+    r = Recipe(smooth_search=True)
+    chosen = search_smoothing(layer, st, r)
+    assert set(chosen) == {"qkv", "gate_up", "down"} and all(a in SEARCH_ALPHAS for a in chosen.values())
+    x = st.inputs["mlp.down_proj"].float()
+    errs = []
+    from fireq.transform.smooth import channel_scales_smooth
+
+    for a in SEARCH_ALPHAS:
+        s = None if a is None else channel_scales_smooth(layer, "down", st.act_absmax["mlp.down_proj"], a)
+        errs.append(block_error(layer, "down", s, x, r))
+    assert SEARCH_ALPHAS[errs.index(min(errs))] == chosen["down"]
+    ref = copy.deepcopy(layer)
+    sq_before = {k: v.clone() for k, v in st.act_sq.items()}
+    apply_smoothing(layer, st, r, arch_of(cfg))
+    h = inputs[0]
+    kw = cap.kwargs[0]
+    with torch.no_grad():
+        a, b = layer(h, **kw), ref(h, **kw)
+    a, b = (a[0] if isinstance(a, tuple) else a), (b[0] if isinstance(b, tuple) else b)
+    assert ((a - b).abs().max() / b.abs().max()) < 1e-6
+    if chosen["down"] is not None:
+        assert not torch.allclose(st.act_sq["mlp.down_proj"], sq_before["mlp.down_proj"])
