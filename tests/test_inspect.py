@@ -32,3 +32,20 @@ def test_inspect_bad_layers(tiny_dirs, calib_file, tmp_path):
     r = runner.invoke(app, ["inspect", str(tiny_dirs["llama"]), "--out", str(tmp_path / "p"), "--calib-data",
                             str(calib_file), "--nsamples", "1", "--layers", "7"])
     assert r.exit_code != 0 and "fireq: error: --layers" in r.output and "Traceback" not in r.output
+
+
+def test_inspect_takes_the_checkpoints_recipe(tiny_dirs, calib_file, tmp_path):
+    from fireq import recipe as recipes
+    from fireq.pipeline import run
+
+    ck = tmp_path / "ck"
+    r = recipes.load("rtn").replace(calib_data=str(calib_file), nsamples=2, seqlen=32, smooth_alpha=0.5)
+    run(str(tiny_dirs["llama"]), str(ck), r)
+    out = tmp_path / "plots"
+    res = runner.invoke(app, ["inspect", str(tiny_dirs["llama"]), "--checkpoint", str(ck), "--out", str(out),
+                              "--calib-data", str(calib_file), "--nsamples", "2"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["recipe"]["smooth_alpha"] == 0.5
+    a = stats["layers"][0]["down_in"]  # smoothing moved the down_proj inputs' outliers into the weights
+    assert a["after_max_over_median"] < a["before_max_over_median"]
