@@ -92,10 +92,15 @@ def test_poisoned_output_fully_written(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    x, qweight, scales, e, b = _operands(9, 80, 384, 128, 5)
-    xq, xs = quantize_fp8_rows_ref(x)
-    got = w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, torch.float32, config=_cfg(False, 1, 128))
-    assert torch.isfinite(got).all()
+    from fireq_kernels.gemm_w4a8 import repack_half
+
+    for m, cfg, lb in ((9, _cfg(False, 1, 128), 0), (5, _cfg(True, 3, 128), 128),  # fused split-K partials
+                       (1, dict(GEMV=True, BN=16, BK=256, SPLIT_K=2, num_warps=4, num_stages=2), 128)):
+        x, qweight, scales, e, b = _operands(m, 80, 384, 128, 5)
+        xq, xs = quantize_fp8_rows_ref(x)
+        w = repack_half(qweight, 384, lb) if lb else qweight
+        got = w4a8_gemm_triton(xq, xs, w, scales, e, 128, b, torch.float32, config=cfg, layout_block=lb)
+        assert torch.isfinite(got).all(), cfg
 
 
 def test_linear_bf16_end_to_end():
