@@ -5,4 +5,6 @@ signature and semantics (`*_ref` in reference.py). The dispatching functions in 
 Triton on a CUDA device that has FP8 (sm_89+), the twin elsewhere (CPU, older GPUs: one warning).
 """
 
-from .ops import kv4_attention, w4a8_linear  # noqa: F401
+from .ops import kv4_attention, w4a8_linear
+
+__all__ = ["kv4_attention", "w4a8_linear"]

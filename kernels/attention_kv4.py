@@ -22,7 +22,6 @@ output and its log-sum-exp, combined by a second small kernel.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -16,11 +16,10 @@ import triton.language as tl
 
 from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
 
-_MAGIC = 12582912.0  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to the nearest integer, ties to even
-
-
 @triton.jit
 def _rne(y):
+    """Round to the nearest integer, ties to even (torch.round), for |y| < 2^22: adding and subtracting
+    1.5 * 2^23 in fp32 leaves no fraction bits."""
     return (y + 12582912.0) - 12582912.0
 
 

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fireq.cli import app

@@ -75,7 +75,7 @@ def resolve(model: str | None) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource("gguf", str(path), ggufs[0])
         raise FireqError(f"{model}: not a model directory (no config.json"
-                         + (f"; several .gguf files: name one" if ggufs else "") + ")")
+                         + ("; several .gguf files: name one" if ggufs else "") + ")")
     if _looks_like_hub_id(model):
         return ModelSource("hub", model)
     raise FireqError(f"{model}: no such file or directory")
