@@ -13,12 +13,17 @@ _warned = False
 _tuned_loaded = False
 
 
+_capable: dict = {}
+
+
 def triton_fp8_capable(device: torch.device) -> bool:
-    """True on a CUDA device with FP8 tensor cores (compute capability 8.9 or newer)."""
+    """True on a CUDA device with FP8 tensor cores (compute capability 8.9 or newer). Asked once per
+    device: every quantized linear and attention call asks."""
     if device.type != "cuda":
         return False
-    major, minor = torch.cuda.get_device_capability(device)
-    ok = (major, minor) >= (8, 9)
+    ok = _capable.get(device)
+    if ok is None:
+        ok = _capable[device] = torch.cuda.get_device_capability(device) >= (8, 9)
     global _warned
     if not ok and not _warned:
         warnings.warn("fireq: this GPU has no FP8 tensor cores (needs sm_89+); using the PyTorch reference path")

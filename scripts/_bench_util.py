@@ -26,6 +26,18 @@ def copies_for(bytes_per_set: int, l2_bytes: int | None, min_sets: int = 2, max_
     return max(min_sets, min(max_sets, math.ceil(2 * l2 / max(1, bytes_per_set))))
 
 
+def int4_weight_copies(n: int, k: int, l2_bytes: int | None, group: int = 128) -> list[tuple]:
+    """(qweight, scales, log2_multiplier) of random INT4 (N, K) weights, as many distinct copies as one pass
+    over more than 2x L2 needs (two quantized weights, cloned into separate memory)."""
+    import torch
+
+    from fireq.formats.int4 import quantize_int4
+
+    base = [quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group) for _ in range(2)]
+    return [(base[i % 2].qweight.clone(), base[i % 2].scales.clone(), base[i % 2].log2_multiplier)
+            for i in range(copies_for(n * k // 2, l2_bytes))]
+
+
 def bench_rotating(fns: list, warmup: int = 25, rep: int = 100) -> float:
     """Median ms of calling fns in rotation (each call uses the next input set)."""
     from triton.testing import do_bench

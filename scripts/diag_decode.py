@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, copies_for, env_info, geomean, table, write_json  # noqa: E402
+from _bench_util import bench_graph, env_info, geomean, int4_weight_copies, table, write_json  # noqa: E402
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
@@ -45,7 +45,6 @@ def main() -> None:
     ap.add_argument("--save-tuned", default=None)
     ap.add_argument("--ms", default="1,4,16")
     args = ap.parse_args()
-    from fireq.formats.int4 import quantize_int4
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config,
                                          quantize_fp8_rows_triton, w4a8_gemm_triton)
     from fireq_kernels.reference import w4a8_gemm_ref
@@ -60,10 +59,8 @@ def main() -> None:
             for bn, sk, st in itertools.product((32, 64, 128), (2, 4, 8, 16), (3, 4))]
     rows, tuned = [], {}
     for n, k in SHAPES:
-        ncopy = copies_for(n * k // 2, l2)
-        base = [quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128) for _ in range(2)]
-        qws = [base[i % 2] for i in range(ncopy)]
-        qws = [(q.qweight.clone(), q.scales.clone(), q.log2_multiplier) for q in qws]
+        qws = int4_weight_copies(n, k, l2)
+        ncopy = len(qws)
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ncopy // 4 + 2)]
         w8 = [w.to(torch.float8_e4m3fn) for w in wb]
         # bandwidth probe: bytes of INT4 weights streamed per second with the GEMV tiling

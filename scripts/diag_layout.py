@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, copies_for, env_info, table, write_json  # noqa: E402
+from _bench_util import bench_graph, env_info, int4_weight_copies, table, write_json  # noqa: E402
 
 SHAPES = [(4096, 4096), (28672, 4096), (4096, 14336)]
 
@@ -24,7 +24,6 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--ms", default="1,4,16,64,4096")
     args = ap.parse_args()
-    from fireq.formats.int4 import quantize_int4
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, pick_config, quantize_fp8_rows_triton,
                                          repack_half, w4a8_gemm_triton)
     from fireq_kernels.reference import w4a8_gemm_ref
@@ -34,10 +33,8 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for n, k in SHAPES:
-        ncopy = copies_for(n * k // 2, env.get("l2_bytes"))
-        base = [quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128) for _ in range(2)]
-        qws = [(base[i % 2].qweight.clone(), base[i % 2].scales.clone(), base[i % 2].log2_multiplier)
-               for i in range(ncopy)]
+        qws = int4_weight_copies(n, k, env.get("l2_bytes"))
+        ncopy = len(qws)
         halves = [repack_half(q[0], k, 128) for q in qws]
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, ncopy // 4))]
         for m in [int(x) for x in args.ms.split(",")]:
