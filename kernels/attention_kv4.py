@@ -27,16 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _nibbles(codes, SYM: tl.constexpr):
-    """(BN, C) uint8 -> low and high nibbles, each (BN, C) int8 (two's complement, or unsigned 0..15)."""
-    wi = codes.to(tl.int8, bitcast=True)
-    if SYM:
-        return (wi << 4) >> 4, wi >> 4
-    return wi & 0xF, (wi >> 4) & 0xF
 
 
 @triton.jit
@@ -50,7 +43,7 @@ def _attn_fwd(
     s_ob, s_oh, s_ol, s_os,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -92,6 +85,10 @@ def _attn_fwd(
         qb = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
                      mask=row_ok[:, None], other=0.0).to(tl.float32)
 
+    if NG == 1:  # the query tile stays in registers for the whole key loop
+        qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
+        q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
+        q_b = tl.load(qrow0 + G // 2, mask=row_ok[:, None], other=0.0)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc_a = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha (low nibbles)
@@ -107,22 +104,27 @@ def _attn_fwd(
         for gi in tl.static_range(NG):
             # byte j of group gi holds channels gi*G + j (low nibble) and gi*G + G/2 + j (high): two
             # products over the group's halves, no register interleave
-            qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
-            qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
-            qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
+            if NG == 1:
+                qa = q_a
+                qb = q_b
+            else:
+                qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
+                qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
+                qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
             kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
                          mask=k_ok[:, None], other=0)
-            ka, kb = _nibbles(kc, SYM)
-            if not SYM:
-                kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0).to(tl.int8)
-                ka = ka - kz[:, None]
-                kb = kb - kz[:, None]
+            if SYM:
+                kz = kc
+            else:
+                kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
             if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
-                sg = tl.dot(qa, tl.trans(ka.to(tl.float16).to(tl.float8e4nv)))
-                sg = tl.dot(qb, tl.trans(kb.to(tl.float16).to(tl.float8e4nv)), sg)
+                ka, kb = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
+                sg = tl.dot(qa, tl.trans(ka))
+                sg = tl.dot(qb, tl.trans(kb), sg)
             else:  # groups of 32: fp16 products over halves of 16 (FP8 values are exact in fp16)
-                sg = tl.dot(qa.to(tl.float16), tl.trans(ka.to(tl.float16)))
-                sg = tl.dot(qb.to(tl.float16), tl.trans(kb.to(tl.float16)), sg)
+                ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
+                sg = tl.dot(qa.to(tl.float16), tl.trans(ka))
+                sg = tl.dot(qb.to(tl.float16), tl.trans(kb), sg)
             ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
             s += sg * ksc[None, :]
         s = s * qk_scale[:, None]
@@ -156,18 +158,22 @@ def _attn_fwd(
         # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16. Column c
         # of a nibble tile is channel cha[c] (low) or cha[c] + G/2 (high)
         vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
-        va, vb = _nibbles(vc, SYM)
-        if not SYM:
-            vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
-                         other=0).to(tl.int8)
-            va = va - vz
-            vb = vb - vz
         if NG == 1:
+            if SYM:
+                vz = vc
+            else:
+                vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
+            va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
             vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             pv = (p * vsc[None, :]).to(tl.float16)
-            acc_a += tl.dot(pv, va.to(tl.float16))
-            acc_b += tl.dot(pv, vb.to(tl.float16))
+            acc_a += tl.dot(pv, va)
+            acc_b += tl.dot(pv, vb)
         else:
+            if SYM:
+                vz = vc
+            else:
+                vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None], other=0)
+            va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
             vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
                           other=0.0).to(tl.float32)
             p16 = p.to(tl.float16)
@@ -287,7 +293,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                               if has_bias else (0, 0, 0)),
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
-        HAS_LENS=has_lens, num_warps=num_warps, num_stages=num_stages,
+        HAS_LENS=has_lens, ASM=use_asm(), num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out

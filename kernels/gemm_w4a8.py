@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
+
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 # Hopper's FP8 tensor cores accumulate a chain of MMAs in reduced precision (about 14 bits kept),
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
@@ -170,7 +172,8 @@ def _w4a8_gemm_kernel(
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
-    FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr,
+    FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr,
+    DELAY: tl.constexpr = False,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -205,6 +208,9 @@ def _w4a8_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if DELAY:
+        prev = tl.zeros_like(acc)
+        ps = tl.zeros((BN,), dtype=tl.float32)
     for t in range(t0, t1):
         k0 = t * BK
         if HALF:
@@ -216,9 +222,7 @@ def _w4a8_gemm_kernel(
             xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
                          other=0.0)
             wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
-            wi = wb.to(tl.int8, bitcast=True)
-            wa = ((wi << 4) >> 4).to(tl.float16).to(tl.float8e4nv)
-            wz = (wi >> 4).to(tl.float16).to(tl.float8e4nv)
+            wa, wz = nibbles_fp8(wb, wb, True, False, ASM)
             if SWAP:
                 part = tl.dot(wa, tl.trans(xa))
                 part = tl.dot(wz, tl.trans(xb), part)
@@ -229,7 +233,16 @@ def _w4a8_gemm_kernel(
                 acc += part
             else:
                 sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-                if SWAP:
+                if DELAY:
+                    # scale the previous tile's product while this one's MMAs run (if the compiler
+                    # leaves them in flight)
+                    if SWAP:
+                        acc += prev * ps[:, None]
+                    else:
+                        acc += prev * ps[None, :]
+                    prev = part
+                    ps = sg
+                elif SWAP:
                     acc += part * sg[:, None]
                 else:
                     acc += part * sg[None, :]
@@ -278,6 +291,11 @@ def _w4a8_gemm_kernel(
                 else:
                     acc += part * s[None, :]
 
+    if DELAY:
+        if SWAP:
+            acc += prev * ps[:, None]
+        else:
+            acc += prev * ps[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
     if PER_CHANNEL:
         sn = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
@@ -337,7 +355,7 @@ def _w4a8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     N, K, inv_mult, stride_wn, stride_wsn,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr, ASM: tl.constexpr,
 ):
     """One token (M = 1): CUDA-core dot products, no MMA padding to 16 rows.
 
@@ -366,7 +384,7 @@ def _w4a8_gemv_kernel(
     for t in range(t0, t1):
         kh = t * (BK // 2) + offs_h
         wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
-        wi = wb.to(tl.int8, bitcast=True)
+        w_lo, w_hi = nibbles_f16(wb, wb, True, False, ASM)
         if HALF_LB > 0:  # byte j of a block: channels j and j + HALF_LB/2 of the block
             ke = (kh // (HALF_LB // 2)) * HALF_LB + kh % (HALF_LB // 2)
             ko = ke + HALF_LB // 2
@@ -375,7 +393,7 @@ def _w4a8_gemv_kernel(
             ko = ke + 1
         xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + ko, mask=ko < K, other=0.0).to(tl.float32)
-        prod = ((wi << 4) >> 4).to(tl.float32) * xe[None, :] + (wi >> 4).to(tl.float32) * xo[None, :]
+        prod = w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :]
         if PER_CHANNEL:
             acc += tl.sum(prod, axis=1)
         elif BK > GROUP:
@@ -490,7 +508,8 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
-        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
+        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half, ASM=use_asm(),
+        DELAY=half and not per_channel and cfg.get("DELAY", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
@@ -539,7 +558,7 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
         n, k, 2.0 ** -log2_multiplier, qweight.stride(0), w_scales.stride(0),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, num_warps=cfg["num_warps"],
+        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, ASM=use_asm(), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out
