@@ -50,7 +50,7 @@ def _asm_values(signed: bool, zero: bool) -> str:
               "or.b32 z23, z23, 0x64006400;\n"
               "sub.rn.f16x2 a01, a01, z01;\n"
               "sub.rn.f16x2 a23, a23, z23;\n"
-              "mov.b32 kb, 0x63C063C0;\n"  # 960 = 1024 - 64: hi = (1024 + 16c)/16 - 64 - z = raw/16 + (960 - (1024 + z))
+              "mov.b32 kb, 0x63806380;\n"  # 960 = 1024 - 64: hi = (1024 + 16c)/16 - 64 - z = raw/16 + (960 - (1024 + z))
               "sub.rn.f16x2 z01, kb, z01;\n"
               "sub.rn.f16x2 z23, kb, z23;\n"
               "fma.rn.f16x2 c01, c01, k16, z01;\n"
