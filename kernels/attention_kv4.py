@@ -97,88 +97,110 @@ def _attn_fwd(
     cha = gcol * G + offs_dh % (G // 2)
     kbase = b * s_kb + hk * s_kh
     sbase = b * s_ksb + hk * s_ksh
-    for start in range(k_lo, k_hi, BN):
-        kpos = start + tl.arange(0, BN)
-        k_ok = kpos < k_hi
-        s = tl.zeros((BM, BN), dtype=tl.float32)
-        for gi in tl.static_range(NG):
-            # byte j of group gi holds channels gi*G + j (low nibble) and gi*G + G/2 + j (high): two
-            # products over the group's halves, no register interleave
-            if NG == 1:
-                qa = q_a
-                qb = q_b
-            else:
-                qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
-                qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
-                qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
-            kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
-                         mask=k_ok[:, None], other=0)
-            if SYM:
-                kz = kc
-            else:
-                kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
-            if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
-                ka, kb = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
-                sg = tl.dot(qa, tl.trans(ka))
-                sg = tl.dot(qb, tl.trans(kb), sg)
-            else:  # groups of 32: fp16 products over halves of 16 (FP8 values are exact in fp16)
-                ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
-                sg = tl.dot(qa.to(tl.float16), tl.trans(ka))
-                sg = tl.dot(qb.to(tl.float16), tl.trans(kb), sg)
-            ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
-            s += sg * ksc[None, :]
-        s = s * qk_scale[:, None]
-        if HAS_BIAS:
-            # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
-            if RT <= 8:  # a few rank-1 updates of the score tile
-                for r in tl.static_range(RT):
-                    qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
-                                  other=0.0).to(tl.float32)
-                    kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
-                                  other=0.0).to(tl.float32)
-                    s += (qbr * 1.4426950408889634)[:, None] * kbr[None, :]
-            else:
-                kb = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
-                             mask=k_ok[:, None], other=0.0).to(tl.float32)
-                s += tl.dot(qb, tl.trans(kb), input_precision="ieee") * 1.4426950408889634
-        keep = k_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (kpos[None, :] <= abs_q[:, None])
-        if window > 0:
-            keep = keep & (kpos[None, :] > abs_q[:, None] - window)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc_a = acc_a * alpha[:, None]
-        acc_b = acc_b * alpha[:, None]
-        m_i = m_new
-        # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16. Column c
-        # of a nibble tile is channel cha[c] (low) or cha[c] + G/2 (high)
-        vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
-        if NG == 1:
-            if SYM:
-                vz = vc
-            else:
-                vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
-            va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
-            vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
-            pv = (p * vsc[None, :]).to(tl.float16)
-            acc_a += tl.dot(pv, va)
-            acc_b += tl.dot(pv, vb)
+    # two phases: key tiles that every row of the block sees whole (no mask arithmetic), then the rest
+    # (the causal diagonal, the window, the ragged ends) with masks
+    if CAUSAL:
+        lim = tl.minimum(k_hi, LKB - LQB + (pid_m * BM) // REP + 1)
+    else:
+        lim = k_hi
+    k_full = k_lo + (tl.maximum(lim - k_lo, 0) // BN) * BN
+    k_full = tl.where(window > 0, k_lo, k_full)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            p_lo = k_lo
+            p_hi = k_full
         else:
-            if SYM:
-                vz = vc
+            p_lo = k_full
+            p_hi = k_hi
+        for start in range(p_lo, p_hi, BN):
+            kpos = start + tl.arange(0, BN)
+            k_ok = kpos < k_hi
+            s = tl.zeros((BM, BN), dtype=tl.float32)
+            for gi in tl.static_range(NG):
+                # byte j of group gi holds channels gi*G + j (low nibble) and gi*G + G/2 + j (high): two
+                # products over the group's halves, no register interleave
+                if NG == 1:
+                    qa = q_a
+                    qb = q_b
+                else:
+                    qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
+                    qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
+                    qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
+                kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
+                             mask=k_ok[:, None], other=0)
+                if SYM:
+                    kz = kc
+                else:
+                    kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
+                if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
+                    ka, kb = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
+                    sg = tl.dot(qa, tl.trans(ka))
+                    sg = tl.dot(qb, tl.trans(kb), sg)
+                else:  # groups of 32: fp16 products over halves of 16 (FP8 values are exact in fp16)
+                    ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
+                    sg = tl.dot(qa.to(tl.float16), tl.trans(ka))
+                    sg = tl.dot(qb.to(tl.float16), tl.trans(kb), sg)
+                ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
+                s += sg * ksc[None, :]
+            s = s * qk_scale[:, None]
+            if HAS_BIAS:
+                # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
+                if RT <= 8:  # a few rank-1 updates of the score tile
+                    for r in tl.static_range(RT):
+                        qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
+                                      other=0.0).to(tl.float32)
+                        kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
+                                      other=0.0).to(tl.float32)
+                        s += (qbr * 1.4426950408889634)[:, None] * kbr[None, :]
+                else:
+                    kb = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
+                                 mask=k_ok[:, None], other=0.0).to(tl.float32)
+                    s += tl.dot(qb, tl.trans(kb), input_precision="ieee") * 1.4426950408889634
+            if phase == 1:
+                keep = k_ok[None, :] & row_ok[:, None]
+                if CAUSAL:
+                    keep = keep & (kpos[None, :] <= abs_q[:, None])
+                if window > 0:
+                    keep = keep & (kpos[None, :] > abs_q[:, None] - window)
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:  # every key of the tile is visible to every row: no mask, every score finite
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = m_new
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc_a = acc_a * alpha[:, None]
+            acc_b = acc_b * alpha[:, None]
+            m_i = m_new
+            # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16. Column c
+            # of a nibble tile is channel cha[c] (low) or cha[c] + G/2 (high)
+            vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
+            if NG == 1:
+                if SYM:
+                    vz = vc
+                else:
+                    vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
+                va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
+                vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+                pv = (p * vsc[None, :]).to(tl.float16)
+                acc_a += tl.dot(pv, va)
+                acc_b += tl.dot(pv, vb)
             else:
-                vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None], other=0)
-            va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
-            vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
-                          other=0.0).to(tl.float32)
-            p16 = p.to(tl.float16)
-            acc_a += tl.dot(p16, (va.to(tl.float32) * vsc).to(tl.float16))
-            acc_b += tl.dot(p16, (vb.to(tl.float32) * vsc).to(tl.float16))
+                if SYM:
+                    vz = vc
+                else:
+                    vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None], other=0)
+                va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
+                vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
+                              other=0.0).to(tl.float32)
+                p16 = p.to(tl.float16)
+                acc_a += tl.dot(p16, (va.to(tl.float32) * vsc).to(tl.float16))
+                acc_b += tl.dot(p16, (vb.to(tl.float32) * vsc).to(tl.float16))
+    acc_a = tl.where(row_ok[:, None], acc_a, 0.0)  # padded rows of a ragged batch: zeros
+    acc_b = tl.where(row_ok[:, None], acc_b, 0.0)
+    l_i = tl.where(row_ok, l_i, 0.0)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + split * s_os + cha[None, :]
     tl.store(optr, (acc_a / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])

@@ -173,7 +173,7 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr,
-    DELAY: tl.constexpr = False,
+    DELAY: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -211,7 +211,7 @@ def _w4a8_gemm_kernel(
     if DELAY:
         prev = tl.zeros_like(acc)
         ps = tl.zeros((BN,), dtype=tl.float32)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, warp_specialize=WS):
         k0 = t * BK
         if HALF:
             # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
@@ -509,7 +509,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half, ASM=use_asm(),
-        DELAY=half and not per_channel and cfg.get("DELAY", False),
+        DELAY=half and not per_channel and cfg.get("DELAY", False), WS=cfg.get("WS", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out

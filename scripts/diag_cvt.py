@@ -52,8 +52,8 @@ def gemm_rows(env, quick):
                 for bm, bn, w, st, swap in ((128, 128, 8, 4, False), (128, 256, 8, 3, False), (256, 128, 8, 3, False),
                                             (128, 64, 4, 4, True), (128, 128, 8, 4, True)):
                     c = dict(SWAP=swap, BM=bm, BN=bn, BK=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
-                    cands += [(f"{'S' if swap else 'P'}{bm}x{bn}w{w}s{st}", c),
-                              (f"{'S' if swap else 'P'}{bm}x{bn}w{w}s{st}+delay", dict(c, DELAY=True))]
+                    nm = f"{'S' if swap else 'P'}{bm}x{bn}w{w}s{st}"
+                    cands += [(nm, c), (nm + "+delay", dict(c, DELAY=True)), (nm + "+ws", dict(c, WS=True))]
             for name, cfg in cands:
                 for asm in (True, False):
                     if not asm and name not in ("tuned", "tuned+delay"):
@@ -95,8 +95,8 @@ def attn_rows(env, quick):
         t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)], warmup=5, rep=20)
         flops = 4 * S * S * 128 * 32 / 2
         for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                              (128, 64, 8, 3)):
-            for asm in ((True, False) if (bm, bn, w, st) in ((128, 128, 8, 2), (128, 64, 8, 2)) else (True,)):
+                              (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3)):
+            for asm in (True,):
                 _asm(asm)
                 try:
                     f = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales,  # noqa: E731
@@ -122,22 +122,22 @@ def attn_rows(env, quick):
             caches = [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
                       for _ in range(sets)]
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], warmup=5, rep=20)
-            for sp in (None, 32, 64, 128):
-                for bn, w in ((128, 4), (64, 4), (256, 8)):
-                    for asm in ((True, False) if (bn, w) == (128, 4) else (True,)):
-                        _asm(asm)
-                        fns = [lambda a=a, c=c, sp=sp, bn=bn, w=w: kv4_attention_triton(
-                            q8, qs, a.packed, a.scales, c.packed, c.scales, 1 / math.sqrt(128), True, k_zero=a.zeros,
-                            v_zero=c.zeros, splits=sp, block_n=bn, num_warps=w) for a, c in caches]
-                        try:
-                            t = bench_graph(fns, warmup=5, rep=20)
-                        except Exception as ex:
-                            print("failed", L, B, sp, bn, w, type(ex).__name__, str(ex)[:200], flush=True)
-                            continue
-                        kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
-                        rows.append(dict(kind="decode", sym=sym, L=L, B=B, splits=sp, bn=bn, warps=w, asm=asm, ms=t,
-                                         sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t, tbps=kv_bytes / t / 1e9))
-                        print(rows[-1], flush=True)
+            for sp in (None, 32, 64):
+                for bm, bn, w, st in ((16, 128, 4, 2), (16, 128, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4),
+                                      (64, 128, 4, 3), (16, 256, 8, 3)):
+                    fns = [lambda a=a, c=c, sp=sp, bm=bm, bn=bn, w=w, st=st: kv4_attention_triton(
+                        q8, qs, a.packed, a.scales, c.packed, c.scales, 1 / math.sqrt(128), True, k_zero=a.zeros,
+                        v_zero=c.zeros, splits=sp, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                        for a, c in caches]
+                    try:
+                        t = bench_graph(fns, warmup=5, rep=20)
+                    except Exception as ex:
+                        print("failed", L, B, sp, bm, bn, w, st, type(ex).__name__, str(ex)[:200], flush=True)
+                        continue
+                    kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
+                    rows.append(dict(kind="decode", sym=sym, L=L, B=B, splits=sp, cfg=[bm, bn, w, st], ms=t,
+                                     sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t, tbps=kv_bytes / t / 1e9))
+                    print(rows[-1], flush=True)
             _asm(True)
             del q, k, v, caches
             torch.cuda.empty_cache()
