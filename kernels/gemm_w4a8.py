@@ -63,14 +63,14 @@ def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         for bn in (64, 128):
-            for split in (2, 4, 8):
+            for split in (1, 2, 4, 8):
                 if k // bk_max >= split:
                     for st in (3, 4):
                         out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8, num_warps=4,
                                         num_stages=st))
     else:
         for swap, bm, bn, warps in ((True, 128, 64, 4), (True, 128, 128, 8), (False, 128, 128, 8),
-                                    (False, 128, 256, 8), (False, 256, 128, 8), (True, 256, 64, 8)):
+                                    (True, 256, 128, 8), (True, 64, 128, 4), (True, 256, 64, 8)):
             for st in (3, 4):
                 out.append(dict(SWAP=swap, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
                                 num_stages=st))

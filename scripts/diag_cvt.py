@@ -94,20 +94,20 @@ def attn_rows(env, quick):
         qk, qv = quantize_kv(k, spec), quantize_kv(v, spec)
         t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)], warmup=5, rep=20)
         flops = 4 * S * S * 128 * 32 / 2
-        for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                              (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3)):
-            for asm in (True,):
-                _asm(asm)
+        for bm, bn, w, st in ((64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 4, 3),
+                              (64, 128, 4, 2), (64, 256, 8, 3)):
+            for km in (False, True):
                 try:
                     f = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales,  # noqa: E731
                                                      1 / math.sqrt(128), True, k_zero=qk.zeros, v_zero=qv.zeros,
-                                                     splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                                                     splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st,
+                                                     key_major=km)
                     t = bench_graph([f], warmup=5, rep=20)
                 except Exception as ex:
-                    print("failed", bm, bn, w, st, type(ex).__name__, str(ex)[:200], flush=True)
+                    print("failed", bm, bn, w, st, km, type(ex).__name__, str(ex)[:200], flush=True)
                     continue
-                rows.append(dict(kind="prefill", sym=sym, S=S, cfg=[bm, bn, w, st], asm=asm, ms=t, sdpa_ms=t_sdpa,
-                                 vs_sdpa=t_sdpa / t, tflops=flops / t / 1e9))
+                rows.append(dict(kind="prefill", sym=sym, S=S, cfg=[bm, bn, w, st], key_major=km, ms=t,
+                                 sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t, tflops=flops / t / 1e9))
                 print(rows[-1], flush=True)
         _asm(True)
         del q, k, v, q8, qk, qv
@@ -122,22 +122,24 @@ def attn_rows(env, quick):
             caches = [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
                       for _ in range(sets)]
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], warmup=5, rep=20)
-            for sp in (None, 32, 64):
-                for bm, bn, w, st in ((16, 128, 4, 2), (16, 128, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4),
-                                      (64, 128, 4, 3), (16, 256, 8, 3)):
-                    fns = [lambda a=a, c=c, sp=sp, bm=bm, bn=bn, w=w, st=st: kv4_attention_triton(
-                        q8, qs, a.packed, a.scales, c.packed, c.scales, 1 / math.sqrt(128), True, k_zero=a.zeros,
-                        v_zero=c.zeros, splits=sp, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-                        for a, c in caches]
-                    try:
-                        t = bench_graph(fns, warmup=5, rep=20)
-                    except Exception as ex:
-                        print("failed", L, B, sp, bm, bn, w, st, type(ex).__name__, str(ex)[:200], flush=True)
-                        continue
-                    kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
-                    rows.append(dict(kind="decode", sym=sym, L=L, B=B, splits=sp, cfg=[bm, bn, w, st], ms=t,
-                                     sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t, tbps=kv_bytes / t / 1e9))
-                    print(rows[-1], flush=True)
+            for sp in (None, 32):
+                for bm, bn, w, st in ((16, 128, 4, 3), (16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 3),
+                                      (16, 256, 8, 3), (16, 256, 4, 3)):
+                    for km in (False, True):
+                        fns = [lambda a=a, c=c, sp=sp, bm=bm, bn=bn, w=w, st=st, km=km: kv4_attention_triton(
+                            q8, qs, a.packed, a.scales, c.packed, c.scales, 1 / math.sqrt(128), True, k_zero=a.zeros,
+                            v_zero=c.zeros, splits=sp, block_m=bm, block_n=bn, num_warps=w, num_stages=st,
+                            key_major=km) for a, c in caches]
+                        try:
+                            t = bench_graph(fns, warmup=5, rep=20)
+                        except Exception as ex:
+                            print("failed", L, B, sp, bm, bn, w, st, km, type(ex).__name__, str(ex)[:200], flush=True)
+                            continue
+                        kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
+                        rows.append(dict(kind="decode", sym=sym, L=L, B=B, splits=sp, cfg=[bm, bn, w, st],
+                                         key_major=km, ms=t, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t,
+                                         tbps=kv_bytes / t / 1e9))
+                        print(rows[-1], flush=True)
             _asm(True)
             del q, k, v, caches
             torch.cuda.empty_cache()
@@ -157,7 +159,7 @@ def main():
         rows += attn_rows(env, a.quick)
     if "gemm" in a.what:
         rows += gemm_rows(env, a.quick)
-    print(table(rows, ["kind", "n", "k", "m", "S", "L", "B", "sym", "variant", "cfg", "splits", "bn", "warps", "asm",
+    print(table(rows, ["kind", "n", "k", "m", "S", "L", "B", "sym", "variant", "cfg", "splits", "key_major", "asm",
                        "ms", "vs_bf16", "vs_fp8", "vs_sdpa", "tflops", "tbps"]))
     write_json(a.json, dict(env=env, rows=rows))
 
