@@ -219,152 +219,6 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_fwd_kt(
-    q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
-    out_ptr, lse_ptr, lq_ptr, lk_ptr,
-    Lq, Lk, sm_scale, window,
-    s_qb, s_qh, s_ql, s_qsb, s_qsh,
-    s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl,
-    s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
-    s_ob, s_oh, s_ol, s_os,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-    SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr,
-):
-    """_attn_fwd with the products transposed: keys are the MMA's rows (S^T = K Q^T, O^T = V^T P^T), so the
-    freshly converted K and V tiles are the register-side operand and the query rows (down to 16) the
-    narrow side: the GEMM's SWAP schedule, for decode and small query blocks. Same semantics."""
-    REP: tl.constexpr = HQ // HKV
-    NG: tl.constexpr = D // G
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = bh // HKV
-    hk = bh % HKV
-    rows, qpos, hq, in_mem, row_ok, abs_q, k_lo, k_hi, k_full = _block_ranges(
-        pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP, BM, BN, SPLITS, CAUSAL, HAS_LENS)
-
-    qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
-    qk_scale = qs * (sm_scale * 1.4426950408889634)
-    offs_gh = tl.arange(0, G // 2)
-    offs_dh = tl.arange(0, D // 2)
-    if HAS_BIAS and RT > 8:
-        offs_r = tl.arange(0, R)
-        qbias = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
-                        mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if NG == 1:
-        qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
-        q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
-        q_b = tl.load(qrow0 + G // 2, mask=row_ok[:, None], other=0.0)
-    m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BM,), dtype=tl.float32)
-    acc_a = tl.zeros((D // 2, BM), dtype=tl.float32)  # O^T, channels cha (low nibbles)
-    acc_b = tl.zeros((D // 2, BM), dtype=tl.float32)  # channels cha + G/2
-    gcol = offs_dh // (G // 2)
-    cha = gcol * G + offs_dh % (G // 2)
-    kbase = b * s_kb + hk * s_kh
-    sbase = b * s_ksb + hk * s_ksh
-    for phase in tl.static_range(2):
-        if phase == 0:
-            p_lo = k_lo
-            p_hi = k_full
-        else:
-            p_lo = k_full
-            p_hi = k_hi
-        for start in range(p_lo, p_hi, BN):
-            kpos = start + tl.arange(0, BN)
-            k_ok = kpos < k_hi
-            s = tl.zeros((BN, BM), dtype=tl.float32)  # S^T
-            for gi in tl.static_range(NG):
-                if NG == 1:
-                    qa = q_a
-                    qb = q_b
-                else:
-                    qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
-                    qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
-                    qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
-                kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
-                             mask=k_ok[:, None], other=0)
-                if SYM:
-                    kz = kc
-                else:
-                    kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
-                if G // 2 >= 32:
-                    ka, kb = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
-                    sg = tl.dot(ka, tl.trans(qa))
-                    sg = tl.dot(kb, tl.trans(qb), sg)
-                else:
-                    ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
-                    sg = tl.dot(ka, tl.trans(qa.to(tl.float16)))
-                    sg = tl.dot(kb, tl.trans(qb.to(tl.float16)), sg)
-                ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
-                s += sg * ksc[:, None]
-            s = s * qk_scale[None, :]
-            if HAS_BIAS:
-                if RT <= 8:
-                    for r in tl.static_range(RT):
-                        qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
-                                      other=0.0).to(tl.float32)
-                        kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
-                                      other=0.0).to(tl.float32)
-                        s += kbr[:, None] * (qbr * 1.4426950408889634)[None, :]
-                else:
-                    kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
-                                    mask=k_ok[:, None], other=0.0).to(tl.float32)
-                    s += tl.dot(kbias, tl.trans(qbias), input_precision="ieee") * 1.4426950408889634
-            if phase == 1:
-                keep = k_ok[:, None] & row_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (kpos[:, None] <= abs_q[None, :])
-                if window > 0:
-                    keep = keep & (kpos[:, None] > abs_q[None, :] - window)
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                m_safe = m_new
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[None, :])  # P^T (BN, BM)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc_a = acc_a * alpha[None, :]
-            acc_b = acc_b * alpha[None, :]
-            m_i = m_new
-            vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
-            if NG == 1:
-                if SYM:
-                    vz = vc
-                else:
-                    vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
-                va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
-                vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
-                pv = (p * vsc[:, None]).to(tl.float16)
-                acc_a += tl.dot(tl.trans(va), pv)
-                acc_b += tl.dot(tl.trans(vb), pv)
-            else:
-                if SYM:
-                    vz = vc
-                else:
-                    vz = tl.load(vz_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None], other=0)
-                va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
-                vsc = tl.load(vs_ptr + sbase + kpos[:, None] * s_ksl + gcol[None, :], mask=k_ok[:, None],
-                              other=0.0).to(tl.float32)
-                p16 = p.to(tl.float16)
-                acc_a += tl.dot(tl.trans((va.to(tl.float32) * vsc).to(tl.float16)), p16)
-                acc_b += tl.dot(tl.trans((vb.to(tl.float32) * vsc).to(tl.float16)), p16)
-    acc_a = tl.where(row_ok[None, :], acc_a, 0.0)
-    acc_b = tl.where(row_ok[None, :], acc_b, 0.0)
-    l_i = tl.where(row_ok, l_i, 0.0)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    optr = out_ptr + b * s_ob + hq[None, :] * s_oh + qpos[None, :] * s_ol + split * s_os + cha[:, None]
-    tl.store(optr, (acc_a / l_safe[None, :]).to(out_ptr.dtype.element_ty), mask=in_mem[None, :])
-    tl.store(optr + G // 2, (acc_b / l_safe[None, :]).to(out_ptr.dtype.element_ty), mask=in_mem[None, :])
-    if SPLITS > 1:
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=in_mem)
-
-
-@triton.jit
 def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_ol, Lq,
              HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
     """out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one program per (b, h, q)."""
@@ -392,8 +246,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                          out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
                          block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                         num_stages: int = 2, seqlens_q: torch.Tensor | None = None,
-                         seqlens_k: torch.Tensor | None = None, key_major: bool | None = None) -> torch.Tensor:
+                         num_stages: int = 3, seqlens_q: torch.Tensor | None = None,
+                         seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -401,8 +255,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     checked here: <= Lq and <= Lk); its query i sits at position seqlens_k[b] - seqlens_q[b] + i.
     Padded query rows come back as zeros.
 
-    key_major: the transposed schedule (_attn_fwd_kt: keys as the MMA's rows); None picks it for small
-    query blocks (decode), where it measured faster on the H100."""
+    Defaults (H100, benchmarks/results/attn-diag-h100.json): prefill blocks of 64 query rows x 128 keys,
+    4 warps, 3 stages; decode 16 rows x 256 keys, 4 warps, 3 stages, split along the keys until the
+    grid has about two waves (at most 32 splits)."""
     bsz, hq, lq, d = q8.shape
     _, hkv, lk, dh = k.shape
     if q8.dtype != torch.float8_e4m3fn or k.dtype != torch.uint8 or v.dtype != torch.uint8:
@@ -435,12 +290,12 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             q_bias = torch.nn.functional.pad(q_bias, (0, r - r0))
             k_bias = torch.nn.functional.pad(k_bias, (0, r - r0))
     rows = lq * rep
-    bm = block_m or (16 if rows <= 16 else 64 if rows <= 64 else 128)
-    bn = block_n or (64 if d > 128 else 128)
+    bm = block_m or (16 if rows <= 16 else 64)
+    bn = block_n or (64 if d > 128 else 256 if bm <= 16 else 128)
     if splits is None:
         blocks = triton.cdiv(rows, bm) * bsz * hkv
         splits = 1
-        while blocks * splits < 264 and splits < 64 and lk >= 2 * splits * bn * 2:
+        while blocks * splits < 264 and splits < 32 and lk >= 2 * splits * bn * 2:
             splits *= 2
     has_lens = seqlens_q is not None or seqlens_k is not None
     if has_lens:
@@ -461,10 +316,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
     dummy = q_scale
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
-    if key_major is None:
-        key_major = bm <= 16
-    kern = _attn_fwd_kt if key_major else _attn_fwd
-    kern[grid](
+    _attn_fwd[grid](
         q8, q_scale, k, k_scale, k_zero if not sym else dummy, v, v_scale, v_zero if not sym else dummy,
         q_bias if has_bias else dummy, k_bias if has_bias else dummy, o, lse,
         seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,

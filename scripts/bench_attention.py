@@ -9,6 +9,8 @@ and the time with factors over the time without. CUDA-graph timing (do_bench med
 inputs rotated past L2 where one set fits in it. Each point is checked against a float reference first.
 I/O: for prefill, HBM bytes from the kernel's tiles (Q, O once; K and V codes + scales once per query
 block) next to the Saha-Ye lower bound N^2 d^2 / M for the on-chip memory M the tiles use.
+Both cache formats: symmetric INT4 (summary keys without suffix) and asymmetric with zero points (the
+default recipe's, keys ending in _asym). Each point times a few tile configs and reports the best.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import bench_graph, copies_for, env_info, geomean, table, write_json  # noqa: E402
 
 
-def main():
-    import torch.nn.functional as F
+# candidates (H100 winners in benchmarks/results/attn-diag-h100.json); the best is timed per point
+PREFILL_CFGS = ((64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3))
+DECODE_CFGS = ((None, 256), (16, 256), (32, 256), (None, 128), (32, 128))
 
-    from fireq.formats.fp8 import quantize_fp8_rows
-    from fireq.formats.kv import KVSpec, dequantize_kv, quantize_kv
-    from fireq_kernels.attention_kv4 import kv4_attention_triton
-    from fireq_kernels.bias import alibi_factors, alibi_dense, alibi_slopes
+
+def main():
+    from fireq.formats.kv import KVSpec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
@@ -38,9 +40,37 @@ def main():
     args = ap.parse_args()
     env = env_info()
     dev = "cuda"
-    spec = KVSpec()
     torch.manual_seed(0)
     rows = []
+    for sym in (True, False):
+        run_format(args, env, dev, KVSpec(symmetric=sym), rows)
+    pre = [r for r in rows if r["kind"] == "prefill"]
+    dec = [r for r in rows if r["kind"] == "decode"]
+    al = [r for r in rows if r["kind"] == "alibi"]
+    summary = {}
+    for sym, tag in ((True, ""), (False, "_asym")):
+        summary.update({
+            f"prefill_vs_sdpa_bf16{tag}": geomean([r["vs_sdpa"] for r in pre if r["sym"] == sym]),
+            f"decode_vs_sdpa_bf16{tag}": geomean([r["vs_sdpa"] for r in dec if r["sym"] == sym]),
+            f"alibi_vs_sdpa_dense_bias{tag}": [r["vs_sdpa"] for r in al if r["sym"] == sym][0],
+            f"alibi_overhead_vs_nobias_max{tag}": max(r["overhead"] for r in al if r["sym"] == sym)})
+    print(table(rows, ["kind", "sym", "S", "L", "B", "ours_ms", "sdpa_ms", "vs_sdpa", "hbm_tbps", "err", "cfg"]))
+    print({k: round(v, 3) for k, v in summary.items()})
+    write_json(args.json, dict(env=env, rows=rows, summary=summary,
+                               note="summary keys without a suffix: symmetric INT4 KV (KVSpec()); _asym: asymmetric "
+                                    "with zero points, the default recipe's format"))
+
+
+def run_format(args, env, dev, spec, rows):
+    import torch.nn.functional as F
+
+    from fireq.formats.fp8 import quantize_fp8_rows
+    from fireq.formats.kv import dequantize_kv, quantize_kv
+    from fireq_kernels.attention_kv4 import kv4_attention_triton
+    from fireq_kernels.bias import alibi_factors, alibi_dense, alibi_slopes
+
+    sym = spec.symmetric
+    best_cfg = {}
 
     def make(b, hq, hkv, lq, lk, d=128):
         q = torch.randn(b, hq, lq, d, device=dev, dtype=torch.bfloat16)
@@ -55,8 +85,10 @@ def main():
         h = min(2, q8.shape[1])
         rep = q8.shape[1] // qk.packed.shape[1]
         qd = (q8[:1, :h].float() * qs[:1, :h, :, None]).double()
-        kd = dequantize_kv(type(qk)(qk.packed[:1, :1], qk.scales[:1, :1], None), 128, spec, torch.float64)
-        vd = dequantize_kv(type(qv)(qv.packed[:1, :1], qv.scales[:1, :1], None), 128, spec, torch.float64)
+        kd = dequantize_kv(type(qk)(qk.packed[:1, :1], qk.scales[:1, :1], None if sym else qk.zeros[:1, :1]), 128,
+                           spec, torch.float64)
+        vd = dequantize_kv(type(qv)(qv.packed[:1, :1], qv.scales[:1, :1], None if sym else qv.zeros[:1, :1]), 128,
+                           spec, torch.float64)
         h = min(h, rep)
         qd = qd[:, :h]
         lq_c = min(lq, 512)
@@ -76,28 +108,29 @@ def main():
         q, k, v, q8, qs, qk, qv = make(1, 32, 32, S, S)
         scale = 1 / math.sqrt(128)
         best = None
-        for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)):
+        for bm, bn, w, st in PREFILL_CFGS:
             try:
                 f = lambda bm=bm, bn=bn, w=w, st=st: kv4_attention_triton(  # noqa: E731
-                    q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True, splits=1, block_m=bm,
-                    block_n=bn, num_warps=w, num_stages=st)
+                    q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True, k_zero=qk.zeros,
+                    v_zero=qv.zeros, splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
                 t = bench_graph([f], warmup=5, rep=20)
                 if best is None or t < best[0]:
                     best = (t, bm, bn, w, st, f)
             except Exception as e:
                 print("prefill config failed", bm, bn, w, st, type(e).__name__, str(e)[:100], flush=True)
         t_ours, bm, bn, w, st, f = best
+        best_cfg[S] = (bm, bn, w, st)
         err = check(f(), q8, qs, qk, qv, S, S, True)
         t_ours = bench_graph([f])
         t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)])
         flops = 4 * S * S * 128 * 32 / 2
         tiles_q = math.ceil(S / bm)
         # K, V codes (D/2 bytes) + fp8 scales per token, read by each query block (causal: ~half)
-        kv_bytes = 32 * (S * (64 + 1) * 2) * tiles_q / 2
+        kv_bytes = 32 * (S * (64 + 1 + (0 if sym else 1)) * 2) * tiles_q / 2
         q_o_bytes = 32 * S * 128 * (1 + 2) + 32 * S * 4
         onchip = (bm * 128 + 2 * bn * 64 + bm * bn * 4 + bm * 128 * 4)  # Q fp8, K/V codes, S fp32, acc fp32
         lower = 32 * (S * S * 128 * 128 / onchip) / 2
-        rows.append(dict(kind="prefill", S=S, B=1, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
+        rows.append(dict(kind="prefill", sym=sym, S=S, B=1, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
                          tflops=flops / t_ours / 1e9, hbm_bytes=kv_bytes + q_o_bytes,
                          hbm_tbps=(kv_bytes + q_o_bytes) / t_ours / 1e9, saha_ye_lower_bound_bytes=lower,
                          err=err, cfg=[bm, bn, w, st]))
@@ -114,26 +147,26 @@ def main():
             caches = [(qk, qv)] + [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
                                    for _ in range(sets - 1)]
             best = None
-            for sp in (None, 8, 16, 32, 64):
-                fns = [lambda a=a, c=c, sp=sp: kv4_attention_triton(q8, qs, a.packed, a.scales, c.packed, c.scales,
-                                                                    scale, True, splits=sp, block_n=128)
-                       for a, c in caches]
+            for sp, bn in DECODE_CFGS:
+                fns = [lambda a=a, c=c, sp=sp, bn=bn: kv4_attention_triton(
+                    q8, qs, a.packed, a.scales, c.packed, c.scales, scale, True, k_zero=a.zeros, v_zero=c.zeros,
+                    splits=sp, block_n=bn) for a, c in caches]
                 try:
                     t = bench_graph(fns, warmup=5, rep=20)
                 except Exception as e:
-                    print("decode config failed", sp, type(e).__name__, str(e)[:100], flush=True)
+                    print("decode config failed", sp, bn, type(e).__name__, str(e)[:100], flush=True)
                     continue
                 if best is None or t < best[0]:
-                    best = (t, sp, fns)
+                    best = (t, (sp, bn), fns)
             t_ours, sp, fns = best
             err = check(fns[0](), q8, qs, qk, qv, 1, L, True)
             t_ours = bench_graph(fns)
             ks = [k] + [torch.randn_like(k) for _ in range(min(sets, 2) - 1)]
             t_sdpa = bench_graph([lambda kk=kk: F.scaled_dot_product_attention(q, kk, v, enable_gqa=True)
                                   for kk in ks])
-            kv_bytes = 2 * B * 8 * L * (64 + 1)
-            rows.append(dict(kind="decode", L=L, B=B, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
-                             hbm_tbps=kv_bytes / t_ours / 1e9, err=err, splits=sp))
+            kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
+            rows.append(dict(kind="decode", sym=sym, L=L, B=B, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
+                             hbm_tbps=kv_bytes / t_ours / 1e9, err=err, cfg=list(sp)))
             print(rows[-1], flush=True)
             del q, k, v, q8, qk, qv, caches, ks
             torch.cuda.empty_cache()
@@ -146,28 +179,22 @@ def main():
     qb = qb[None].to(dev, torch.float32)  # (1, H, S, 2): bias values reach -slope*S, kept in fp32 here
     kb = kb[None].to(dev, torch.float32)
     scale = 1 / math.sqrt(128)
+    best_prefill_cfg = best_cfg.get(S) or next(iter(best_cfg.values()))
+    bm, bn, w, st = best_prefill_cfg
     f_bias = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True,  # noqa
-                                          q_bias=qb, k_bias=kb, splits=1, block_m=128, block_n=64, num_warps=8)
+                                          k_zero=qk.zeros, v_zero=qv.zeros, q_bias=qb, k_bias=kb, splits=1,
+                                          block_m=bm, block_n=bn, num_warps=w, num_stages=st)
     f_nob = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True,  # noqa
-                                         splits=1, block_m=128, block_n=64, num_warps=8)
+                                         k_zero=qk.zeros, v_zero=qv.zeros, splits=1, block_m=bm, block_n=bn,
+                                         num_warps=w, num_stages=st)
     err = check(f_bias(), q8, qs, qk, qv, S, S, True, qb, kb)
     t_bias, t_nob = bench_graph([f_bias]), bench_graph([f_nob])
     dense = (alibi_dense(slopes, S, S).to(dev, torch.bfloat16)
              + torch.triu(torch.full((S, S), float("-inf"), device=dev), 1).to(torch.bfloat16))[None]
     t_dense = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)])
-    rows.append(dict(kind="alibi", S=S, ours_ms=t_bias, nobias_ms=t_nob, sdpa_dense_ms=t_dense,
+    rows.append(dict(kind="alibi", sym=sym, S=S, cfg=list(best_prefill_cfg), ours_ms=t_bias, nobias_ms=t_nob, sdpa_dense_ms=t_dense,
                      vs_sdpa=t_dense / t_bias, overhead=t_bias / t_nob, err=err))
     print(rows[-1], flush=True)
-
-    pre = [r for r in rows if r["kind"] == "prefill"]
-    dec = [r for r in rows if r["kind"] == "decode"]
-    al = [r for r in rows if r["kind"] == "alibi"]
-    summary = dict(prefill_vs_sdpa_bf16=geomean([r["vs_sdpa"] for r in pre]),
-                   decode_vs_sdpa_bf16=geomean([r["vs_sdpa"] for r in dec]),
-                   alibi_vs_sdpa_dense_bias=al[0]["vs_sdpa"], alibi_overhead_vs_nobias_max=max(r["overhead"] for r in al))
-    print(table(rows, ["kind", "S", "L", "B", "ours_ms", "sdpa_ms", "vs_sdpa", "hbm_tbps", "err"]))
-    print({k: round(v, 3) for k, v in summary.items()})
-    write_json(args.json, dict(env=env, rows=rows, summary=summary))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r=0):
     return q8, qs, qk, qv, qb, kb
 
 
-def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, key_major=False):
+def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0):
     if GPU:  # FP8 tensor-core products need >= 32 channels a group
         d = max(d, 64)
         if spec.group_size not in (-1, 0):
@@ -68,7 +68,7 @@ def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, ke
     got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
                                qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, dv(qk.zeros),
                                dv(qv.zeros), dv(qb), dv(kb), out_dtype=torch.float32, splits=splits,
-                               block_m=16, block_n=16 if not GPU else 64, key_major=key_major).cpu()
+                               block_m=16, block_n=16 if not GPU else 64).cpu()
     assert torch.isfinite(got).all()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
@@ -78,31 +78,27 @@ def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, ke
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d", [(1, 2, 2, 24, 24, 32), (2, 4, 1, 20, 20, 16), (1, 6, 2, 1, 40, 32),
                                              (1, 4, 2, 3, 37, 64)])
 @pytest.mark.parametrize("causal,window", [(True, 0), (False, 0), (True, 7)])
-@pytest.mark.parametrize("key_major", [False, True])
-def test_attention_masks_gqa(b, hq, hkv, lq, lk, d, causal, window, key_major):
-    _run(b, hq, hkv, lq, lk, d, KVSpec(), causal, window, 1, seed=lq + lk + d, key_major=key_major)
+def test_attention_masks_gqa(b, hq, hkv, lq, lk, d, causal, window):
+    _run(b, hq, hkv, lq, lk, d, KVSpec(), causal, window, 1, seed=lq + lk + d)
 
 
 @pytest.mark.parametrize("spec", [KVSpec(symmetric=False), KVSpec(group_size=16), KVSpec(scale_dtype="bf16"),
                                   KVSpec(group_size=16, symmetric=False)])
-@pytest.mark.parametrize("key_major", [False, True])
-def test_attention_kv_formats(spec, key_major):
-    _run(1, 4, 2, 18, 18, 32, spec, True, 0, 1, seed=3, key_major=key_major)
+def test_attention_kv_formats(spec):
+    _run(1, 4, 2, 18, 18, 32, spec, True, 0, 1, seed=3)
 
 
 @pytest.mark.parametrize("splits", [2, 3])
-@pytest.mark.parametrize("key_major", [False, True])
-def test_decode_split_kv(splits, key_major):
-    _run(2, 8, 2, 1, 50, 32, KVSpec(), True, 0, splits, seed=splits, key_major=key_major)
-    _run(1, 4, 1, 2, 45, 32, KVSpec(), True, 0, splits, seed=10 + splits, key_major=key_major)  # Lq = 2
+def test_decode_split_kv(splits):
+    _run(2, 8, 2, 1, 50, 32, KVSpec(), True, 0, splits, seed=splits)
+    _run(1, 4, 1, 2, 45, 32, KVSpec(), True, 0, splits, seed=10 + splits)  # Lq = 2
 
 
-@pytest.mark.parametrize("key_major", [False, True])
-def test_flashbias_factors(key_major):
-    _run(1, 4, 2, 20, 20, 32, KVSpec(), True, 0, 1, seed=4, bias_r=4, key_major=key_major)
-    _run(1, 4, 2, 1, 33, 32, KVSpec(), True, 0, 2, seed=5, bias_r=2, key_major=key_major)
-    _run(1, 4, 2, 19, 19, 32, KVSpec(), True, 0, 1, seed=6, bias_r=20, key_major=key_major)  # R > 8: an MMA
-    _run(1, 4, 2, 1, 40, 32, KVSpec(), True, 0, 2, seed=7, bias_r=64, key_major=key_major)
+def test_flashbias_factors():
+    _run(1, 4, 2, 20, 20, 32, KVSpec(), True, 0, 1, seed=4, bias_r=4)
+    _run(1, 4, 2, 1, 33, 32, KVSpec(), True, 0, 2, seed=5, bias_r=2)
+    _run(1, 4, 2, 19, 19, 32, KVSpec(), True, 0, 1, seed=6, bias_r=20)  # R > 8: an MMA
+    _run(1, 4, 2, 1, 40, 32, KVSpec(), True, 0, 2, seed=7, bias_r=64)
 
 
 def test_alibi_factors_equal_dense_bias():
@@ -134,8 +130,7 @@ def test_svd_factorization_reports_error():
 
 @pytest.mark.parametrize("lq,lk,causal,window,splits", [(13, 29, True, 0, 1), (13, 29, False, 0, 1), (9, 9, True, 5, 1),
                                                        (1, 41, True, 0, 3), (2, 41, True, 0, 2)])
-@pytest.mark.parametrize("key_major", [False, True])
-def test_ragged_batch(lq, lk, causal, window, splits, key_major):
+def test_ragged_batch(lq, lk, causal, window, splits):
     """Right-padded batch with per-sequence query and key lengths; padded query rows give zeros."""
     b, hq, hkv, d = 3, 4, 2, 64 if GPU else 32
     spec = KVSpec(symmetric=False)
@@ -154,8 +149,7 @@ def test_ragged_batch(lq, lk, causal, window, splits, key_major):
     got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
                                qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, qk.zeros.to(DEV),
                                qv.zeros.to(DEV), out_dtype=torch.float32, splits=splits, block_m=16,
-                               block_n=16 if not GPU else 64, seqlens_q=lens_q.to(DEV), seqlens_k=lens_k.to(DEV),
-                               key_major=key_major).cpu()
+                               block_n=16 if not GPU else 64, seqlens_q=lens_q.to(DEV), seqlens_k=lens_k.to(DEV)).cpu()
     for i in range(b):  # padded rows are zeros
         assert torch.all(got[i, :, lens_q[i]:] == 0)
     err = ((got.double() - ref).norm() / ref.norm()).item()
