@@ -62,7 +62,12 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if aq is not None and _kernel_ok(module, query, key, attention_mask, aq, kwargs):
         return _kernel_forward(module, query, key, value, scaling, aq, kwargs)
     if aq is not None:
-        if not getattr(key, _MARK, False):
+        packed = getattr(key, "_fireq_packed", None)
+        if packed is not None:  # the INT4 cache handed over its codes: dequantize them here, on this path only
+            qk, qv = packed
+            key = dequantize_kv(qk, key.shape[-1], aq.kv, key.dtype)
+            value = dequantize_kv(qv, value.shape[-1], aq.kv, value.dtype)
+        elif not getattr(key, _MARK, False):
             key = _scale_keys(module, key)
             if aq.kv.bits < 16:
                 key = dequantize_kv(quantize_kv(key, aq.kv), key.shape[-1], aq.kv, key.dtype)
@@ -152,27 +157,24 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
 
 
-def _cat(a: QuantizedKV | None, b: QuantizedKV) -> QuantizedKV:
-    if a is None:
-        return b
-    z = None if b.zeros is None else torch.cat([a.zeros, b.zeros], dim=-2)
-    return QuantizedKV(torch.cat([a.packed, b.packed], dim=-2), torch.cat([a.scales, b.scales], dim=-2), z)
-
-
 def _make_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class FireqKVLayer(DynamicLayer):
-        """One layer's INT4 KV cache: packed codes (B, H, L, D/2) uint8 and scales (B, H, L, D/group)."""
+        """One layer's INT4 KV cache: packed codes (B, H, L, D/2) uint8, scales (B, H, L, D/group) and
+        zero points, in buffers preallocated with room to grow (doubling), written in place: a decode
+        step writes its own token, nothing else. `update` hands attention placeholders of the right
+        shape that carry the packed views; the Triton kernel reads the codes, the reference path
+        dequantizes them (fireq_attention_forward), so no float copy of the cache is made per step."""
 
         is_croppable = False
+        GROW = 16  # capacity granularity (tokens)
 
         def __init__(self, attn: nn.Module):
             super().__init__()
             self.attn = attn
             self.cumulative_length = 0
-            self.qk: QuantizedKV | None = None
-            self.qv: QuantizedKV | None = None
+            self._buf: tuple[QuantizedKV, QuantizedKV] | None = None
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
@@ -180,16 +182,60 @@ def _make_layer_class():
             self.head_dim = key_states.shape[-1]
             self.is_initialized = True
 
+        @staticmethod
+        def _view(buf: QuantizedKV, n: int) -> QuantizedKV:
+            z = None if buf.zeros is None else buf.zeros[:, :, :n]
+            return QuantizedKV(buf.packed[:, :, :n], buf.scales[:, :, :n], z)
+
+        @property
+        def qk(self) -> QuantizedKV | None:
+            return None if self._buf is None else self._view(self._buf[0], self.cumulative_length)
+
+        @property
+        def qv(self) -> QuantizedKV | None:
+            return None if self._buf is None else self._view(self._buf[1], self.cumulative_length)
+
+        def _reserve(self, new: QuantizedKV, need: int) -> None:
+            """Make room for `need` tokens (copying what is there into doubled buffers when full)."""
+            cap = 0 if self._buf is None else self._buf[0].packed.shape[2]
+            if need <= cap:
+                return
+            cap = max(need, 2 * cap)
+            cap = -(-cap // self.GROW) * self.GROW
+
+            def alloc(t):
+                return None if t is None else t.new_empty((*t.shape[:2], cap, t.shape[3]))
+
+            bufs = []
+            for i in range(2):
+                b = QuantizedKV(alloc(new.packed), alloc(new.scales), alloc(new.zeros))
+                if self._buf is not None:
+                    n, old = self.cumulative_length, self._buf[i]
+                    b.packed[:, :, :n] = old.packed[:, :, :n]
+                    b.scales[:, :, :n] = old.scales[:, :, :n]
+                    if b.zeros is not None:
+                        b.zeros[:, :, :n] = old.zeros[:, :, :n]
+                bufs.append(b)
+            self._buf = (bufs[0], bufs[1])
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             spec = self.attn.fireq_attn.kv
-            key_states = _scale_keys(self.attn, key_states)
-            self.qk = _cat(self.qk, _quantize_kv(key_states, spec))
-            self.qv = _cat(self.qv, _quantize_kv(value_states, spec))
-            self.cumulative_length += key_states.shape[-2]
-            k = dequantize_kv(self.qk, self.head_dim, spec, self.dtype)
-            v = dequantize_kv(self.qv, self.head_dim, spec, self.dtype)
+            new_k = _quantize_kv(_scale_keys(self.attn, key_states), spec)
+            new_v = _quantize_kv(value_states, spec)
+            n0, n = self.cumulative_length, key_states.shape[-2]
+            self._reserve(new_k, n0 + n)
+            for buf, new in zip(self._buf, (new_k, new_v)):
+                buf.packed[:, :, n0:n0 + n] = new.packed
+                buf.scales[:, :, n0:n0 + n] = new.scales
+                if new.zeros is not None:
+                    buf.zeros[:, :, n0:n0 + n] = new.zeros
+            self.cumulative_length = n0 + n
+            b, h, _, d = key_states.shape
+            # placeholders: right shape, no storage behind them; attention reads the packed views
+            k = key_states.new_empty((1, 1, 1, 1)).expand(b, h, self.cumulative_length, d)
+            v = value_states.new_empty((1, 1, 1, 1)).expand(b, h, self.cumulative_length, d)
             setattr(k, _MARK, True)
             setattr(v, _MARK, True)
             setattr(k, "_fireq_packed", (self.qk, self.qv))
@@ -199,19 +245,21 @@ def _make_layer_class():
             return self.cumulative_length
 
         def reset(self) -> None:
-            self.qk = self.qv = None
+            self._buf = None
             self.cumulative_length = 0
             self.is_initialized = False
 
         def reorder_cache(self, beam_idx):
-            for qkv in (self.qk, self.qv):
-                if qkv is not None:
-                    idx = beam_idx.to(qkv.packed.device)
-                    qkv.packed, qkv.scales = qkv.packed[idx], qkv.scales[idx]
-                    if qkv.zeros is not None:
-                        qkv.zeros = qkv.zeros[idx]
+            if self._buf is None:
+                return
+            for qkv in self._buf:
+                idx = beam_idx.to(qkv.packed.device)
+                qkv.packed, qkv.scales = qkv.packed[idx], qkv.scales[idx]
+                if qkv.zeros is not None:
+                    qkv.zeros = qkv.zeros[idx]
 
         def nbytes(self) -> int:
+            """Bytes of the cached tokens (the buffers may hold up to twice as many slots)."""
             return sum(t.numel() * t.element_size() for q in (self.qk, self.qv) if q is not None
                        for t in (q.packed, q.scales, q.zeros) if t is not None)
 
