@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -99,6 +99,12 @@ def _attn_fwd(
         qbias = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
                         mask=row_ok[:, None], other=0.0).to(tl.float32)
 
+    if HAS_BIAS and RT <= 2:  # ALiBi-sized factors: the query side stays in registers (log2 units)
+        qb0 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        qb1 = qb0
+        if RT == 2:
+            qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
+                          other=0.0).to(tl.float32) * LOG2E
     if NG == 1:  # the query tile stays in registers for the whole key loop
         qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
         q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
@@ -153,7 +159,14 @@ def _attn_fwd(
             s = s * qk_scale[:, None]
             if HAS_BIAS:
                 # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
-                if RT <= 8:  # a few rank-1 updates of the score tile
+                if RT <= 2:
+                    kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0).to(tl.float32)
+                    s += qb0[:, None] * kb0[None, :]
+                    if RT == 2:
+                        kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok,
+                                      other=0.0).to(tl.float32)
+                        s += qb1[:, None] * kb1[None, :]
+                elif RT <= 8:  # a few rank-1 updates of the score tile
                     for r in tl.static_range(RT):
                         qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
                                       other=0.0).to(tl.float32)

@@ -48,7 +48,7 @@ def main() -> None:
     timer = bench_rotating if args.no_graph else bench_graph
 
     from fireq.formats.int4 import quantize_int4
-    from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config, quantize_fp8_rows_triton, repack_half,
+    from fireq_kernels.gemm_w4a8 import (_TUNED, FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config, quantize_fp8_rows_triton, repack_half,
                                          w4a8_gemm_triton,
                                          w4a8_linear_triton)
     from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref
@@ -121,10 +121,12 @@ def main() -> None:
                 if best_ms is None or t < best_ms:
                     best_cfg, best_ms = cfg, t
             err = check(best_cfg)
+            if args.tune:  # the linear below (and QuantLinear, once saved) picks this winner
+                _TUNED[f"{m_bucket(m)},{n},{k},{args.group}"] = best_cfg
             t_ours = timer(run_cfg(best_cfg))
             t_lin = timer([lambda x=x, qw=qw: w4a8_linear_triton(x, kern_w[id(qw)], qw.scales,
                                                                  qw.log2_multiplier, args.group, layout_block=lb)
-                                    for x, (qw, _, _) in sets]) if True else None
+                                    for x, (qw, _, _) in sets])
             # baselines
             t_bf16 = timer([lambda x=x, wb=wb: torch.matmul(x, wb.t()) for x, (_, wb, _) in sets])
             mp = max(16, (m + 15) // 16 * 16)

@@ -97,6 +97,8 @@ def test_decode_split_kv(splits):
 def test_flashbias_factors():
     _run(1, 4, 2, 20, 20, 32, KVSpec(), True, 0, 1, seed=4, bias_r=4)
     _run(1, 4, 2, 1, 33, 32, KVSpec(), True, 0, 2, seed=5, bias_r=2)
+    _run(1, 4, 2, 21, 21, 32, KVSpec(), True, 0, 1, seed=8, bias_r=1)
+    _run(1, 4, 2, 17, 30, 32, KVSpec(symmetric=False), False, 0, 1, seed=9, bias_r=2)
     _run(1, 4, 2, 19, 19, 32, KVSpec(), True, 0, 1, seed=6, bias_r=20)  # R > 8: an MMA
     _run(1, 4, 2, 1, 40, 32, KVSpec(), True, 0, 2, seed=7, bias_r=64)
 
