@@ -37,9 +37,6 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
 # order on the GPU, whatever the twin's FP32 error. (cuBLAS FP8 without split accumulation shares it.)
 FP8_MMA_ACC_RTOL = 2.0**-13
-# the activation quantization runs inside the GEMM (each program scans its rows for their scales) up to
-# this many tokens; beyond it a separate kernel quantizes once for all N tiles
-FUSE_QUANT_MAX_M = 16
 
 
 # ----------------------------------------------------------------------------- configs
@@ -138,27 +135,6 @@ def _round_to_fp8_grid(y):
 
 
 @triton.jit
-def _to_fp8(x, s, EXACT_ROUND: tl.constexpr):
-    """x (fp32) / s -> FP8 E4M3 exactly as the activation-quantization kernel does it (IEEE division,
-    clamp to +-448, round to nearest even)."""
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
-    if EXACT_ROUND:
-        y = _round_to_fp8_grid(y)
-    return y.to(tl.float8e4nv)
-
-
-@triton.jit
-def _row_scales(x_base, mask_m, K, BM: tl.constexpr, QBK: tl.constexpr):
-    """Per-token FP8 scales max|x| / 448 of BM rows (x_base: (BM, 1) row pointers), one pass over K."""
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, K, QBK):
-        offs = k0 + tl.arange(0, QBK)
-        xt = tl.load(x_base + offs[None, :], mask=mask_m[:, None] & (offs[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
-    return tl.maximum(amax / 448.0, 1.1754943508222875e-38)
-
-
-@triton.jit
 def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
                            EXACT_ROUND: tl.constexpr, ONE_PASS: tl.constexpr):
     """One program per row: s = max|x| / 448; q = fp8(x / s). x: (M, K) bf16/fp16/fp32.
@@ -199,8 +175,7 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr,
-    DELAY: tl.constexpr = False, WS: tl.constexpr = False, QUANT_X: tl.constexpr = False,
-    EXACT_ROUND: tl.constexpr = False,
+    DELAY: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -235,8 +210,6 @@ def _w4a8_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    if QUANT_X:  # x comes in float: per-token scales first (one pass over the row), FP8 tiles on the fly
-        x_sc = _row_scales(x_base, mask_m, K, BM, 512)
     if DELAY:
         prev = tl.zeros_like(acc)
         ps = tl.zeros((BN,), dtype=tl.float32)
@@ -250,9 +223,6 @@ def _w4a8_gemm_kernel(
             xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
             xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
                          other=0.0)
-            if QUANT_X:
-                xa = _to_fp8(xa.to(tl.float32), x_sc[:, None], EXACT_ROUND)
-                xb = _to_fp8(xb.to(tl.float32), x_sc[:, None], EXACT_ROUND)
             wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
             wa, wz = nibbles_fp8(wb, wb, True, False, ASM)
             if SWAP:
@@ -328,10 +298,7 @@ def _w4a8_gemm_kernel(
             acc += prev * ps[:, None]
         else:
             acc += prev * ps[None, :]
-    if QUANT_X:
-        xs = x_sc * inv_mult
-    else:
-        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
     if PER_CHANNEL:
         sn = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
     if SWAP:
@@ -374,10 +341,10 @@ def _w4a8_gemm_kernel(
 
 
 @triton.jit
-def _gemv_epilogue(acc, x_scale, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn,
+def _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn,
                    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """acc (BN,) fp32 sums over all of K -> scaled, biased, stored as out (1, N)."""
-    acc = acc * (x_scale * inv_mult)
+    acc = acc * (tl.load(xs_ptr) * inv_mult)
     if PER_CHANNEL:
         acc = acc * tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -391,7 +358,6 @@ def _w4a8_gemv_kernel(
     N, K, inv_mult, stride_wn, stride_wsn,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr, ASM: tl.constexpr,
-    QUANT_X: tl.constexpr = False, EXACT_ROUND: tl.constexpr = False,
 ):
     """One token (M = 1): CUDA-core dot products, no MMA padding to 16 rows.
 
@@ -417,11 +383,6 @@ def _w4a8_gemv_kernel(
     t1 = tl.minimum(t0 + per_split, k_tiles)
     acc = tl.zeros((BN,), dtype=tl.float32)
     w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    if QUANT_X:  # x in float: its FP8 scale first, then each tile quantized as it is read
-        x_sc = tl.sum(_row_scales(x_ptr + tl.zeros((1, 1), dtype=tl.int32), tl.full((1,), 1, tl.int1), K, 1, 1024),
-                      axis=0)
-    else:
-        x_sc = tl.load(xs_ptr)
     for t in range(t0, t1):
         kh = t * (BK // 2) + offs_h
         wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
@@ -434,9 +395,6 @@ def _w4a8_gemv_kernel(
             ko = ke + 1
         xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + ko, mask=ko < K, other=0.0).to(tl.float32)
-        if QUANT_X:
-            xe = _to_fp8(xe, x_sc, EXACT_ROUND).to(tl.float32)
-            xo = _to_fp8(xo, x_sc, EXACT_ROUND).to(tl.float32)
         prod = w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :]
         if PER_CHANNEL:
             acc += tl.sum(prod, axis=1)
@@ -451,7 +409,7 @@ def _w4a8_gemv_kernel(
             sc = tl.load(ws_ptr + offs_n * stride_wsn + (t * BK) // GROUP, mask=mask_n, other=0.0).to(tl.float32)
             acc += tl.sum(prod, axis=1) * sc
     if SPLIT_K == 1:
-        _gemv_epilogue(acc, x_sc, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
+        _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
                        HAS_BIAS)
     else:
         tl.store(part_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
@@ -461,7 +419,7 @@ def _w4a8_gemv_kernel(
             for sk in range(1, SPLIT_K):
                 total += tl.load(part_ptr + sk * N + offs_n, mask=mask_n, other=0.0, volatile=True)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            _gemv_epilogue(total, x_sc, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
+            _gemv_epilogue(total, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
                            HAS_BIAS)
 
 
@@ -507,18 +465,9 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     """See reference.w4a8_gemm_ref. xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8
     in the checkpoint layout, or with layout_block > 0 the kernel layout of repack_half(qweight, K,
     layout_block) (N, ceil(K / layout_block) * layout_block / 2); w_scales: (N, G) fp8/bf16; bias: (N,)
-    or None -> (M, N) out_dtype.
-
-    x_scale None: xq is the float activation (bf16/fp16/fp32) and its per-token FP8 quantization (the
-    semantics of quantize_fp8_rows_triton, bit for bit) happens inside the GEMM where that pays (kernel
-    layout, M <= FUSE_QUANT_MAX_M: one launch instead of two at decode), else in its own kernel first."""
-    if qweight.dtype != torch.uint8:
-        raise TypeError("w4a8_gemm_triton: qweight must be uint8")
-    if x_scale is None:
-        if xq.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise TypeError("w4a8_gemm_triton: without x_scale, x must be bf16, fp16 or fp32")
-    elif xq.dtype != torch.float8_e4m3fn:
-        raise TypeError("w4a8_gemm_triton: xq must be float8_e4m3fn (or float with x_scale=None)")
+    or None -> (M, N) out_dtype."""
+    if xq.dtype != torch.float8_e4m3fn or qweight.dtype != torch.uint8:
+        raise TypeError("w4a8_gemm_triton: xq must be float8_e4m3fn and qweight uint8")
     m, k = xq.shape
     n = qweight.shape[0]
     row_bytes = (k + 1) // 2 if not layout_block else triton.cdiv(k, layout_block) * layout_block // 2
@@ -526,7 +475,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {row_bytes} for K={k}")
     if xq.stride(1) != 1 or qweight.stride(1) != 1:
         raise ValueError("w4a8_gemm_triton: xq and qweight rows must be contiguous")
-    if not (xq.device == qweight.device == w_scales.device) or (x_scale is not None and x_scale.device != xq.device):
+    if not (xq.device == qweight.device == w_scales.device == x_scale.device):
         raise ValueError("w4a8_gemm_triton: all tensors must be on one device")
     per_channel = group_size in (-1, 0) or group_size >= k and w_scales.shape[1] == 1
     g = k if per_channel else group_size
@@ -536,14 +485,10 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     if not per_channel and g % cfg["BK"] and not cfg.get("GEMV"):
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
     split = cfg["SPLIT_K"]
-    half = layout_block > 0
-    quant_x = x_scale is None
-    if quant_x and not (half and m <= FUSE_QUANT_MAX_M and (cfg.get("GEMV") or cfg.get("SWAP"))):
-        xq, x_scale = quantize_fp8_rows_triton(xq)  # not fused here: its own kernel first
-        quant_x = False
     if cfg.get("GEMV"):
         return _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg,
                             layout_block)
+    half = layout_block > 0
     if half and (cfg["BK"] != layout_block or cfg.get("DEQ16") or cfg.get("UNPACK_DUP")):
         cfg = dict(cfg, BK=layout_block, DEQ16=False, UNPACK_DUP=False)
     fused = split > 1 and cfg.get("FUSED", True)
@@ -557,7 +502,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     grid = (tiles, split)
     part = torch.empty((split, m, n), dtype=torch.float32, device=xq.device) if fused else out
     cnt = _tile_counters(xq.device, tiles) if fused else out
-    xs = x_scale.reshape(-1).float().contiguous() if not quant_x else out
+    xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemm_kernel[grid](
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
         m, n, k, 2.0 ** -log2_multiplier,
@@ -567,7 +512,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half, ASM=use_asm(),
         DELAY=half and not per_channel and cfg.get("DELAY", False), WS=cfg.get("WS", False),
-        QUANT_X=quant_x, EXACT_ROUND=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
 
@@ -610,26 +555,25 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
     tiles = triton.cdiv(n, bn)
     part = torch.empty((split, n), dtype=torch.float32, device=xq.device) if split > 1 else out
     cnt = _tile_counters(xq.device, tiles)
-    quant_x = x_scale is None
-    xs = x_scale.reshape(-1).float().contiguous() if not quant_x else out
+    xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemv_kernel[(tiles, split)](
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
         n, k, 2.0 ** -log2_multiplier, qweight.stride(0), w_scales.stride(0),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, ASM=use_asm(), QUANT_X=quant_x,
-        EXACT_ROUND=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, ASM=use_asm(), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
 
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
                        group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0) -> torch.Tensor:
-    """x (..., K) -> (..., N) in x.dtype: per-token FP8 activation quantization (inside the GEMM at
-    decode sizes, its own kernel otherwise), then the GEMM."""
+    """x (..., K) -> (..., N) in x.dtype: fused FP8 activation quantization, then the GEMM."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = w4a8_gemm_triton(x2, None, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype,
+    xq, xs = quantize_fp8_rows_triton(x2)
+    out = w4a8_gemm_triton(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype,
                            layout_block=layout_block)
     return out.reshape(*x.shape[:-1], -1)

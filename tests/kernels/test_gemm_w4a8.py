@@ -156,31 +156,3 @@ def test_gemm_kernel_layout_matches_float64(m, n, k, gs, lb, cfg):
         err = (got.double() - ref).norm() / ref.norm()
         err_twin = (twin.double() - ref).norm() / ref.norm()
         assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-7), (err, err_twin)
-
-
-FUSED_CASES = [
-    # m, n, k, group, config (kernel layout, block 128)
-    (1, 40, 384, 128, dict(GEMV=True, BN=16, BK=256, SPLIT_K=1, num_warps=4, num_stages=2)),
-    (1, 48, 640, 128, dict(GEMV=True, BN=16, BK=512, SPLIT_K=2, num_warps=4, num_stages=2)),
-    (3, 64, 576, 128, _cfg(True, 2, 128)),
-    (16, 64, 256, 64, _cfg(True, 1, 64)),
-]
-
-
-@pytest.mark.parametrize("m,n,k,gs,cfg", FUSED_CASES)
-@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
-def test_fused_activation_quant_same_bits(m, n, k, gs, cfg, xdtype):
-    """Float x straight into the GEMM (quantized inside, decode sizes) == quantize first, then the GEMM."""
-    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
-
-    cfg = dict(cfg)
-    if GPU and not cfg.get("GEMV"):
-        cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
-    lb = 128 if gs == 128 else 64
-    x, qweight, scales, e, b = _operands(m, n, k, gs, 40 + m)
-    x = x.to(xdtype)
-    half = repack_half(qweight, k, lb)
-    xq, xs = quantize_fp8_rows_triton(x)
-    two = w4a8_gemm_triton(xq, xs, half, scales, e, gs, b, torch.float32, config=cfg, layout_block=lb)
-    one = w4a8_gemm_triton(x, None, half, scales, e, gs, b, torch.float32, config=cfg, layout_block=lb)
-    assert torch.equal(one, two)
