@@ -75,7 +75,42 @@ def gemm_rows(env, quick):
     return rows
 
 
-def attn_rows(env, quick):
+DECODE_SWEEP = ((16, 128, 4, 3), (16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 3), (16, 256, 8, 3), (16, 256, 4, 3))
+
+
+def _prefill_rows(spec, S=8192):
+    import torch.nn.functional as F
+
+    from fireq.formats.fp8 import quantize_fp8_rows
+    from fireq.formats.kv import quantize_kv
+    from fireq_kernels.attention_kv4 import kv4_attention_triton
+
+    rows = []
+    q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
+    q8, qs = quantize_fp8_rows(q)
+    qs = qs.squeeze(-1).contiguous()
+    qk, qv = quantize_kv(k, spec), quantize_kv(v, spec)
+    t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)], warmup=5, rep=20)
+    flops = 4 * S * S * 128 * 32 / 2
+    for bm, bn, w, st in ((64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 4, 3),
+                          (64, 128, 4, 2), (64, 256, 8, 3)):
+        try:
+            f = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales,  # noqa: E731
+                                             1 / math.sqrt(128), True, k_zero=qk.zeros, v_zero=qv.zeros,
+                                             splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+            t = bench_graph([f], warmup=5, rep=20)
+        except Exception as ex:
+            print("failed", bm, bn, w, st, type(ex).__name__, str(ex)[:200], flush=True)
+            continue
+        rows.append(dict(kind="prefill", sym=spec.symmetric, S=S, cfg=[bm, bn, w, st], ms=t, sdpa_ms=t_sdpa,
+                         vs_sdpa=t_sdpa / t, tflops=flops / t / 1e9))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def attn_rows(env, quick, decode_only=False):
     import torch.nn.functional as F
 
     from fireq.formats.fp8 import quantize_fp8_rows
@@ -85,33 +120,8 @@ def attn_rows(env, quick):
     rows = []
     for sym in (True, False):
         spec = KVSpec(symmetric=sym)
-        S = 8192
-        q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
-        q8, qs = quantize_fp8_rows(q)
-        qs = qs.squeeze(-1).contiguous()
-        qk, qv = quantize_kv(k, spec), quantize_kv(v, spec)
-        t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)], warmup=5, rep=20)
-        flops = 4 * S * S * 128 * 32 / 2
-        for bm, bn, w, st in ((64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 4, 3),
-                              (64, 128, 4, 2), (64, 256, 8, 3)):
-            for km in (False, True):
-                try:
-                    f = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales,  # noqa: E731
-                                                     1 / math.sqrt(128), True, k_zero=qk.zeros, v_zero=qv.zeros,
-                                                     splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st,
-                                                     key_major=km)
-                    t = bench_graph([f], warmup=5, rep=20)
-                except Exception as ex:
-                    print("failed", bm, bn, w, st, km, type(ex).__name__, str(ex)[:200], flush=True)
-                    continue
-                rows.append(dict(kind="prefill", sym=sym, S=S, cfg=[bm, bn, w, st], key_major=km, ms=t,
-                                 sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t, tflops=flops / t / 1e9))
-                print(rows[-1], flush=True)
-        _asm(True)
-        del q, k, v, q8, qk, qv
-        torch.cuda.empty_cache()
+        if not decode_only:
+            rows += _prefill_rows(spec)
         for L, B in ((32768, 8), (131072, 1), (8192, 1)):
             q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
@@ -123,25 +133,21 @@ def attn_rows(env, quick):
                       for _ in range(sets)]
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], warmup=5, rep=20)
             for sp in (None, 32):
-                for bm, bn, w, st in ((16, 128, 4, 3), (16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 3),
-                                      (16, 256, 8, 3), (16, 256, 4, 3)):
-                    for km in (False, True):
-                        fns = [lambda a=a, c=c, sp=sp, bm=bm, bn=bn, w=w, st=st, km=km: kv4_attention_triton(
-                            q8, qs, a.packed, a.scales, c.packed, c.scales, 1 / math.sqrt(128), True, k_zero=a.zeros,
-                            v_zero=c.zeros, splits=sp, block_m=bm, block_n=bn, num_warps=w, num_stages=st,
-                            key_major=km) for a, c in caches]
-                        try:
-                            t = bench_graph(fns, warmup=5, rep=20)
-                        except Exception as ex:
-                            print("failed", L, B, sp, bm, bn, w, st, km, type(ex).__name__, str(ex)[:200], flush=True)
-                            continue
-                        kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
-                        rows.append(dict(kind="decode", sym=sym, L=L, B=B, splits=sp, cfg=[bm, bn, w, st],
-                                         key_major=km, ms=t, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t,
-                                         tbps=kv_bytes / t / 1e9))
-                        print(rows[-1], flush=True)
+                for bm, bn, w, st in DECODE_SWEEP:
+                    fns = [lambda a=a, c=c, sp=sp, bm=bm, bn=bn, w=w, st=st: kv4_attention_triton(
+                        q8, qs, a.packed, a.scales, c.packed, c.scales, 1 / math.sqrt(128), True, k_zero=a.zeros,
+                        v_zero=c.zeros, splits=sp, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                        for a, c in caches]
+                    try:
+                        t = bench_graph(fns, warmup=5, rep=20)
+                    except Exception as ex:
+                        print("failed", L, B, sp, bm, bn, w, st, type(ex).__name__, str(ex)[:200], flush=True)
+                        continue
+                    kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
+                    rows.append(dict(kind="decode", sym=sym, L=L, B=B, splits=sp, cfg=[bm, bn, w, st], ms=t,
+                                     sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t, tbps=kv_bytes / t / 1e9))
+                    print(rows[-1], flush=True)
             _asm(True)
-            del q, k, v, caches
             torch.cuda.empty_cache()
     return rows
 
@@ -155,11 +161,16 @@ def main():
     env = env_info()
     torch.manual_seed(0)
     rows = []
+    if "dec" in a.what:  # decode sweep only, wider tiles
+        global DECODE_SWEEP
+        DECODE_SWEEP = ((16, 256, 4, 3), (16, 256, 4, 2), (16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 8, 3),
+                        (16, 512, 4, 2))
+        rows += attn_rows(env, a.quick, decode_only=True)
     if "attn" in a.what:
         rows += attn_rows(env, a.quick)
     if "gemm" in a.what:
         rows += gemm_rows(env, a.quick)
-    print(table(rows, ["kind", "n", "k", "m", "S", "L", "B", "sym", "variant", "cfg", "splits", "key_major", "asm",
+    print(table(rows, ["kind", "n", "k", "m", "S", "L", "B", "sym", "variant", "cfg", "splits", "asm",
                        "ms", "vs_bf16", "vs_fp8", "vs_sdpa", "tflops", "tbps"]))
     write_json(a.json, dict(env=env, rows=rows))
 

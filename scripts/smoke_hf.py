@@ -87,7 +87,9 @@ def main() -> None:
             rel_inc = ((inc - full).norm() / full.norm()).item()
             print(f"  incremental decode through the INT4 cache vs full forward: rel err {rel_inc:.2e} "
                   f"(cache buffers {tuple(cache.layers[0]._buf[0].packed.shape)})")
-            assert rel_inc < 2e-2
+            # these tiny random models amplify FP8 rounding flips (the device-vs-CPU error above is the
+            # noise floor): the two paths must agree at least as well as the device agrees with the CPU
+            assert rel_inc <= max(1e-3, rel)
     print("smoke ok")
 
 
