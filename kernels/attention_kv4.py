@@ -308,7 +308,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     if splits is None:
         blocks = triton.cdiv(rows, bm) * bsz * hkv
         splits = 1
-        while blocks * splits < 264 and splits < 32 and lk >= 2 * splits * bn * 2:
+        while blocks * splits < 264 and splits < 32 and lk >= 2 * splits * bn:
             splits *= 2
     has_lens = seqlens_q is not None or seqlens_k is not None
     if has_lens:
