@@ -21,6 +21,39 @@ def _asm(on: bool) -> None:
     os.environ["FIREQ_CVT_ASM"] = "1" if on else "0"
 
 
+def gemm_tile_rows(env):
+    """Prefill (M = 4096) tile sweep of the SWAP schedule around the tuned winner."""
+    from fireq_kernels.gemm_w4a8 import repack_half, w4a8_gemm_triton
+    from fireq.formats.fp8 import quantize_fp8_rows
+
+    l2 = env.get("l2_bytes")
+    rows = []
+    for n, k in ((4096, 4096), (28672, 4096), (4096, 14336)):
+        ws = int4_weight_copies(n, k, l2)
+        kw = [(repack_half(q, k, 128), s, e) for q, s, e in ws]
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(len(ws), 4))]
+        m = 4096
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_fp8_rows(x)
+        xs = xs.float()
+        t_bf16 = bench_graph([lambda w=w: x @ w.T for w in wb])
+        for bm, bn, w, st, gm in ((128, 128, 8, 4, 8), (128, 128, 8, 3, 8), (128, 128, 8, 5, 8), (128, 128, 8, 4, 4),
+                                  (128, 128, 8, 4, 16), (128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8),
+                                  (64, 256, 8, 4, 8), (128, 128, 4, 4, 8), (64, 128, 4, 5, 8), (256, 64, 8, 4, 8)):
+            cfg = dict(SWAP=True, BM=bm, BN=bn, BK=128, SPLIT_K=1, GROUP_M=gm, num_warps=w, num_stages=st)
+            try:
+                fns = [lambda q=q, s=s, e=e, cfg=cfg: w4a8_gemm_triton(xq, xs, q, s, e, 128, None, torch.bfloat16,
+                                                                       cfg, 128) for q, s, e in kw]
+                t = bench_graph(fns, warmup=10, rep=40)
+            except Exception as ex:
+                print("failed", n, k, cfg, type(ex).__name__, str(ex)[:200], flush=True)
+                continue
+            rows.append(dict(kind="gemm", n=n, k=k, m=m, variant=f"S{bm}x{bn}w{w}s{st}g{gm}", asm=True, ms=t,
+                             vs_bf16=t_bf16 / t, tflops=2 * m * n * k / t / 1e9))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def gemm_rows(env, quick):
     from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, repack_half, w4a8_gemm_triton
     from fireq.formats.fp8 import quantize_fp8_rows
@@ -168,6 +201,8 @@ def main():
         rows += attn_rows(env, a.quick, decode_only=True)
     if "attn" in a.what:
         rows += attn_rows(env, a.quick)
+    if "tiles" in a.what:
+        rows += gemm_tile_rows(env)
     if "gemm" in a.what:
         rows += gemm_rows(env, a.quick)
     print(table(rows, ["kind", "n", "k", "m", "S", "L", "B", "sym", "variant", "cfg", "splits", "asm",
