@@ -2,20 +2,24 @@
 
 out (M, N) = (xq (M, K) fp8 * x_scale (M, 1)) @ (q (N, K) int4 * s (N, K/G) / 2^e)^T + bias
 
-Weights stay in the checkpoint layout: qweight (N, ceil(K/2)) uint8, row-major, two's-complement
-nibbles with the even k in the low nibble. A (BN, BK/2) byte tile is BN rows of BK/2 contiguous bytes
-(64 B for BK = 128): each thread loads 16 contiguous bytes (32 weights). In registers the nibbles are
-sign-extended (shift left then arithmetic shift right), interleaved back to k order with tl.join, and
-converted int8 -> fp16 -> fp8 e4m3 (exact: integers -8..7 are FP8 values). The FP8 x FP8 tensor-core
-product of each K tile accumulates in FP32 and is scaled by its group scale (one K tile never spans two
-groups: BK divides G, or G = K for per-channel); the per-token scale, 2^-e and the bias come last.
+Weights come in the checkpoint layout (qweight (N, ceil(K/2)) uint8, two's-complement nibbles, even k in
+the low nibble) or, on the GPU, in the kernel layout of `repack_half` (byte j of each BK-channel block
+holds channels j and j + BK/2), which QuantLinear produces at its first GPU forward. In the kernel layout
+a (BN, BK/2) byte tile becomes two FP8 tiles (the low and the high nibbles: the two halves of the K
+block) by the inline-PTX conversion of int4cvt.py, and feeds two FP8 MMAs with no register interleave;
+the checkpoint layout is unpacked with Triton casts (shift, interleave with tl.join, int8 -> fp16 ->
+fp8). The FP8 x FP8 product of each K tile accumulates in FP32 and is scaled by its group scale (one K
+tile never spans two groups: BK divides G, or G = K for per-channel); the per-token scale, 2^-e and the
+bias come last.
 
-Two schedules, chosen by M:
-- SWAP (decode and small M): out^T = W X^T, so the freshly converted weight tile is the MMA's first,
-  register-side operand and tokens fill the narrow side of the MMA (down to 16). With SPLIT_K > 1 the
-  K range is split over programs that write FP32 partials, summed in a fixed order (deterministic),
-  so a single token row still streams the whole weight over every SM.
-- plain (prefill): (BM, BN) output tiles over a grouped ordering for L2 reuse, software pipelined.
+Schedules:
+- GEMV (one token): CUDA-core dot products over (BN, BK/2) byte tiles, split-K reduced in the kernel.
+- SWAP (every M on the H100): out^T = W X^T, so the freshly converted weight tile is the MMA's first,
+  register-side operand (never written back to shared memory) and tokens fill the MMA's N side (down to
+  16). With SPLIT_K > 1 the K range is split over programs whose FP32 partials the last program of each
+  tile sums in split order (deterministic, one launch).
+- plain: (BM, BN) output tiles, the weights as the shared-memory operand (slower on the H100; kept for
+  the checkpoint layout and as a tuning candidate).
 
 Config lists come from functions below; winners per (bucketed M, N, K) for a GPU can be saved as JSON
 (kernels/tuned/<gpu>.json) and are loaded explicitly by `load_tuned`.
