@@ -129,6 +129,19 @@ def _attn_fwd(
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
+            # the tile's small loads first (per-token scales, zero points, bias factors), so their latency
+            # hides behind the code loads, conversions and MMAs that come before their use
+            if NG == 1:
+                ksc1 = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
+                vsc1 = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
+                if not SYM:
+                    kz1 = tl.load(kz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
+                    vz1 = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
+            if HAS_BIAS and RT <= 2:
+                kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0)
+                kb1 = kb0
+                if RT == 2:
+                    kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok, other=0.0)
             s = tl.zeros((BM, BN), dtype=tl.float32)
             for gi in tl.static_range(NG):
                 # byte j of group gi holds channels gi*G + j (low nibble) and gi*G + G/2 + j (high): two
@@ -144,6 +157,8 @@ def _attn_fwd(
                              mask=k_ok[:, None], other=0)
                 if SYM:
                     kz = kc
+                elif NG == 1:
+                    kz = kz1[:, None]
                 else:
                     kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
                 if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
@@ -154,18 +169,18 @@ def _attn_fwd(
                     ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
                     sg = tl.dot(qa.to(tl.float16), tl.trans(ka))
                     sg = tl.dot(qb.to(tl.float16), tl.trans(kb), sg)
-                ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
+                if NG == 1:
+                    ksc = ksc1.to(tl.float32)
+                else:
+                    ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
                 s += sg * ksc[None, :]
             s = s * qk_scale[:, None]
             if HAS_BIAS:
                 # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
                 if RT <= 2:
-                    kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0).to(tl.float32)
-                    s += qb0[:, None] * kb0[None, :]
+                    s += qb0[:, None] * kb0.to(tl.float32)[None, :]
                     if RT == 2:
-                        kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok,
-                                      other=0.0).to(tl.float32)
-                        s += qb1[:, None] * kb1[None, :]
+                        s += qb1[:, None] * kb1.to(tl.float32)[None, :]
                 elif RT <= 8:  # a few rank-1 updates of the score tile
                     for r in tl.static_range(RT):
                         qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
@@ -202,9 +217,9 @@ def _attn_fwd(
                 if SYM:
                     vz = vc
                 else:
-                    vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
+                    vz = vz1[:, None]
                 va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
-                vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+                vsc = vsc1.to(tl.float32)
                 pv = (p * vsc[None, :]).to(tl.float16)
                 acc_a += tl.dot(pv, va)
                 acc_b += tl.dot(pv, vb)
