@@ -129,14 +129,11 @@ def _attn_fwd(
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
-            # the tile's small loads first (per-token scales, zero points, bias factors), so their latency
+            # the tile's small loads first (per-token scales, bias factors), so their latency
             # hides behind the code loads, conversions and MMAs that come before their use
             if NG == 1:
                 ksc1 = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
                 vsc1 = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
-                if not SYM:
-                    kz1 = tl.load(kz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
-                    vz1 = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
             if HAS_BIAS and RT <= 2:
                 kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0)
                 kb1 = kb0
@@ -157,8 +154,6 @@ def _attn_fwd(
                              mask=k_ok[:, None], other=0)
                 if SYM:
                     kz = kc
-                elif NG == 1:
-                    kz = kz1[:, None]
                 else:
                     kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
                 if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
@@ -217,7 +212,7 @@ def _attn_fwd(
                 if SYM:
                     vz = vc
                 else:
-                    vz = vz1[:, None]
+                    vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
                 va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
                 vsc = vsc1.to(tl.float32)
                 pv = (p * vsc[None, :]).to(tl.float16)
