@@ -157,3 +157,28 @@ def test_ragged_batch(lq, lk, causal, window, splits):
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
     assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
+
+
+@pytest.mark.parametrize("lq,splits", [(1, 2), (5, 1)])
+def test_strided_cache_views(lq, splits):
+    """The INT4 cache hands the kernel views of larger preallocated buffers (dim 2 sliced): the result
+    equals the one from contiguous tensors, bit for bit."""
+    d = 64 if GPU else 32
+    spec = KVSpec(symmetric=False)
+    q8, qs, qk, qv, _, _ = _case(2, 4, 2, lq, 37, d, spec, seed=lq + 20)
+    cap = 64
+
+    def padded(t):
+        buf = torch.zeros((*t.shape[:2], cap, t.shape[3]), dtype=t.dtype)
+        buf[:, :, :t.shape[2]] = t
+        return buf.to(DEV)[:, :, :t.shape[2]]
+
+    args = dict(causal=True, out_dtype=torch.float32, splits=splits, block_m=16, block_n=16 if not GPU else 64)
+    scale = 1 / math.sqrt(d)
+    a = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
+                             qv.packed.to(DEV), qv.scales.to(DEV), scale, k_zero=qk.zeros.to(DEV),
+                             v_zero=qv.zeros.to(DEV), **args)
+    b = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), padded(qk.packed), padded(qk.scales),
+                             padded(qv.packed), padded(qv.scales), scale, k_zero=padded(qk.zeros),
+                             v_zero=padded(qv.zeros), **args)
+    assert torch.equal(a, b)
