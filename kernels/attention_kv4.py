@@ -111,7 +111,6 @@ def _attn_fwd(
         q_b = tl.load(qrow0 + G // 2, mask=row_ok[:, None], other=0.0)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
-    zc = tl.zeros((BM,), dtype=tl.float32)  # asymmetric V, one group: sum_j pv_j z_j, rescaled like acc
     acc_a = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha (low nibbles)
     acc_b = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha + G/2 (high nibbles)
     gcol = offs_dh // (G // 2)  # group of each nibble column
@@ -210,14 +209,13 @@ def _attn_fwd(
             # of a nibble tile is channel cha[c] (low) or cha[c] + G/2 (high)
             vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
             if NG == 1:
-                # asymmetric V: the MMA takes the unsigned codes and the zero points come off once a row,
-                # sum_j pv_j (c_j - z_j) = sum_j pv_j c_j - sum_j pv_j z_j (pv exactly as the MMA sees it)
-                va, vb = nibbles_f16(vc, vc, SYM, False, ASM)
+                if SYM:
+                    vz = vc
+                else:
+                    vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
+                va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
                 vsc = vsc1.to(tl.float32)
                 pv = (p * vsc[None, :]).to(tl.float16)
-                if not SYM:
-                    vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0).to(tl.float32)
-                    zc = zc * alpha + tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
                 acc_a += tl.dot(pv, va)
                 acc_b += tl.dot(pv, vb)
             else:
@@ -231,9 +229,6 @@ def _attn_fwd(
                 p16 = p.to(tl.float16)
                 acc_a += tl.dot(p16, (va.to(tl.float32) * vsc).to(tl.float16))
                 acc_b += tl.dot(p16, (vb.to(tl.float32) * vsc).to(tl.float16))
-    if NG == 1 and not SYM:
-        acc_a -= zc[:, None]
-        acc_b -= zc[:, None]
     acc_a = tl.where(row_ok[:, None], acc_a, 0.0)  # padded rows of a ragged batch: zeros
     acc_b = tl.where(row_ok[:, None], acc_b, 0.0)
     l_i = tl.where(row_ok, l_i, 0.0)
