@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
-LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _attn_fwd(
         pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP, BM, BN, SPLITS, CAUSAL, HAS_LENS)
 
     qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
-    qk_scale = qs * (sm_scale * 1.4426950408889634)  # per row, in log2 units
+    qk_scale = qs * (sm_scale * LOG2E)  # per row, in log2 units
     offs_gh = tl.arange(0, G // 2)
     offs_dh = tl.arange(0, D // 2)
     if HAS_BIAS and RT > 8:
@@ -182,11 +182,11 @@ def _attn_fwd(
                                       other=0.0).to(tl.float32)
                         kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
                                       other=0.0).to(tl.float32)
-                        s += (qbr * 1.4426950408889634)[:, None] * kbr[None, :]
+                        s += (qbr * LOG2E)[:, None] * kbr[None, :]
                 else:
                     kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
                                     mask=k_ok[:, None], other=0.0).to(tl.float32)
-                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee") * 1.4426950408889634
+                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee") * LOG2E
             if phase == 1:
                 keep = k_ok[None, :] & row_ok[:, None]
                 if CAUSAL:

@@ -116,6 +116,11 @@ def load_tuned(path: str | Path | None = None) -> int:
     return len(_TUNED)
 
 
+def remember_config(m: int, n: int, k: int, group: int, config: dict) -> None:
+    """Use `config` for this (bucketed M, N, K, group) from now on (what load_tuned does from a file)."""
+    _TUNED[f"{m_bucket(m)},{n},{k},{group}"] = config
+
+
 def pick_config(m: int, n: int, k: int, group: int) -> dict:
     return _TUNED.get(f"{m_bucket(m)},{n},{k},{group}") or default_config(m, n, k, group)
 
@@ -179,7 +184,6 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr,
-    DELAY: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -214,10 +218,7 @@ def _w4a8_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    if DELAY:
-        prev = tl.zeros_like(acc)
-        ps = tl.zeros((BN,), dtype=tl.float32)
-    for t in tl.range(t0, t1, warp_specialize=WS):
+    for t in range(t0, t1):
         k0 = t * BK
         if HALF:
             # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
@@ -239,16 +240,7 @@ def _w4a8_gemm_kernel(
                 acc += part
             else:
                 sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-                if DELAY:
-                    # scale the previous tile's product while this one's MMAs run (if the compiler
-                    # leaves them in flight)
-                    if SWAP:
-                        acc += prev * ps[:, None]
-                    else:
-                        acc += prev * ps[None, :]
-                    prev = part
-                    ps = sg
-                elif SWAP:
+                if SWAP:
                     acc += part * sg[:, None]
                 else:
                     acc += part * sg[None, :]
@@ -297,11 +289,6 @@ def _w4a8_gemm_kernel(
                 else:
                     acc += part * s[None, :]
 
-    if DELAY:
-        if SWAP:
-            acc += prev * ps[:, None]
-        else:
-            acc += prev * ps[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
     if PER_CHANNEL:
         sn = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
@@ -515,7 +502,6 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half, ASM=use_asm(),
-        DELAY=half and not per_channel and cfg.get("DELAY", False), WS=cfg.get("WS", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out

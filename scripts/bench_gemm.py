@@ -48,7 +48,7 @@ def main() -> None:
     timer = bench_rotating if args.no_graph else bench_graph
 
     from fireq.formats.int4 import quantize_int4
-    from fireq_kernels.gemm_w4a8 import (_TUNED, FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config, quantize_fp8_rows_triton, repack_half,
+    from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, remember_config, m_bucket, pick_config, quantize_fp8_rows_triton, repack_half,
                                          w4a8_gemm_triton,
                                          w4a8_linear_triton)
     from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref
@@ -122,7 +122,7 @@ def main() -> None:
                     best_cfg, best_ms = cfg, t
             err = check(best_cfg)
             if args.tune:  # the linear below (and QuantLinear, once saved) picks this winner
-                _TUNED[f"{m_bucket(m)},{n},{k},{args.group}"] = best_cfg
+                remember_config(m, n, k, args.group, best_cfg)
             t_ours = timer(run_cfg(best_cfg))
             t_lin = timer([lambda x=x, qw=qw: w4a8_linear_triton(x, kern_w[id(qw)], qw.scales,
                                                                  qw.log2_multiplier, args.group, layout_block=lb)

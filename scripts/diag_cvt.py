@@ -1,7 +1,10 @@
-"""Diagnosis (H100): the in-register INT4 conversion (inline PTX vs Triton casts), the delayed group-scale
-schedule of the GEMM, and attention configs, all in one run with the baselines beside them.
+"""Diagnosis (H100): the in-register INT4 conversion (inline PTX vs Triton casts), GEMM tile configs and
+attention configs, each in one run with the baselines beside them.
 
-    python scripts/diag_cvt.py --json benchmarks/results/cvt-diag-h100.json
+    python scripts/diag_cvt.py --what gemm|tiles|attn|dec --json FILE
+
+(The committed gemm-cvt-diag-h100.json also has rows for a delayed group-scale schedule and a
+warp-specialized loop, timed with earlier versions of this script and the kernel; both were removed.)
 """
 
 from __future__ import annotations
@@ -81,15 +84,14 @@ def gemm_rows(env, quick):
             base = pick_config(m, n, k, 128)
             cands = [("tuned", base)]
             if m >= 4096:
-                cands += [("tuned+delay", dict(base, DELAY=True))]
                 for bm, bn, w, st, swap in ((128, 128, 8, 4, False), (128, 256, 8, 3, False), (256, 128, 8, 3, False),
                                             (128, 64, 4, 4, True), (128, 128, 8, 4, True)):
                     c = dict(SWAP=swap, BM=bm, BN=bn, BK=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
                     nm = f"{'S' if swap else 'P'}{bm}x{bn}w{w}s{st}"
-                    cands += [(nm, c), (nm + "+delay", dict(c, DELAY=True)), (nm + "+ws", dict(c, WS=True))]
+                    cands.append((nm, c))
             for name, cfg in cands:
                 for asm in (True, False):
-                    if not asm and name not in ("tuned", "tuned+delay"):
+                    if not asm and name != "tuned":
                         continue
                     _asm(asm)
                     try:

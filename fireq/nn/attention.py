@@ -22,7 +22,7 @@ from ..formats.fp8 import fake_quantize_fp8_rows
 from ..formats.kv import KVSpec, QuantizedKV, dequantize_kv, quantize_kv
 
 ATTN_IMPL = "fireq"
-_MARK = "_fireq_kv_quantized"
+_PACKED = "_fireq_packed"  # attribute of the INT4 cache's placeholder keys: (packed K, packed V)
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,12 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if aq is not None and _kernel_ok(module, query, key, attention_mask, aq, kwargs):
         return _kernel_forward(module, query, key, value, scaling, aq, kwargs)
     if aq is not None:
-        packed = getattr(key, "_fireq_packed", None)
+        packed = getattr(key, _PACKED, None)
         if packed is not None:  # the INT4 cache handed over its codes: dequantize them here, on this path only
             qk, qv = packed
             key = dequantize_kv(qk, key.shape[-1], aq.kv, key.dtype)
             value = dequantize_kv(qv, value.shape[-1], aq.kv, value.dtype)
-        elif not getattr(key, _MARK, False):
+        else:
             key = _scale_keys(module, key)
             if aq.kv.bits < 16:
                 key = dequantize_kv(quantize_kv(key, aq.kv), key.shape[-1], aq.kv, key.dtype)
@@ -125,7 +125,7 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
 
     from ..formats.fp8 import quantize_fp8_rows
 
-    packed = getattr(key, "_fireq_packed", None)
+    packed = getattr(key, _PACKED, None)
     if packed is None:  # no INT4 cache: quantize this call's K and V
         qk = _quantize_kv(_scale_keys(module, key), aq.kv)
         qv = _quantize_kv(value, aq.kv)
@@ -155,6 +155,15 @@ def register() -> None:
 
     AttentionInterface.register(ATTN_IMPL, fireq_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
+
+
+def _write(dst: QuantizedKV, start: int, src: QuantizedKV) -> None:
+    """Copy src's tokens into dst's buffers at token positions start.. (dim 2), in place."""
+    stop = start + src.packed.shape[2]
+    dst.packed[:, :, start:stop] = src.packed
+    dst.scales[:, :, start:stop] = src.scales
+    if src.zeros is not None:
+        dst.zeros[:, :, start:stop] = src.zeros
 
 
 def _make_layer_class():
@@ -210,11 +219,7 @@ def _make_layer_class():
             for i in range(2):
                 b = QuantizedKV(alloc(new.packed), alloc(new.scales), alloc(new.zeros))
                 if self._buf is not None:
-                    n, old = self.cumulative_length, self._buf[i]
-                    b.packed[:, :, :n] = old.packed[:, :, :n]
-                    b.scales[:, :, :n] = old.scales[:, :, :n]
-                    if b.zeros is not None:
-                        b.zeros[:, :, :n] = old.zeros[:, :, :n]
+                    _write(b, 0, self._view(self._buf[i], self.cumulative_length))
                 bufs.append(b)
             self._buf = (bufs[0], bufs[1])
 
@@ -227,18 +232,13 @@ def _make_layer_class():
             n0, n = self.cumulative_length, key_states.shape[-2]
             self._reserve(new_k, n0 + n)
             for buf, new in zip(self._buf, (new_k, new_v)):
-                buf.packed[:, :, n0:n0 + n] = new.packed
-                buf.scales[:, :, n0:n0 + n] = new.scales
-                if new.zeros is not None:
-                    buf.zeros[:, :, n0:n0 + n] = new.zeros
+                _write(buf, n0, new)
             self.cumulative_length = n0 + n
             b, h, _, d = key_states.shape
             # placeholders: right shape, no storage behind them; attention reads the packed views
             k = key_states.new_empty((1, 1, 1, 1)).expand(b, h, self.cumulative_length, d)
             v = value_states.new_empty((1, 1, 1, 1)).expand(b, h, self.cumulative_length, d)
-            setattr(k, _MARK, True)
-            setattr(v, _MARK, True)
-            setattr(k, "_fireq_packed", (self.qk, self.qv))
+            setattr(k, _PACKED, (self.qk, self.qv))
             return k, v
 
         def get_seq_length(self) -> int:

@@ -131,8 +131,8 @@ HALF_CASES = [
     (1, 40, 384, 128, 128, dict(GEMV=True, BN=16, BK=256, SPLIT_K=1, num_warps=4, num_stages=2, SCALES="bf16")),
     (6, 64, 256, 128, 128, dict(_cfg(True, 2, 128), SCALES="bf16")),
     (20, 64, 256, 64, 64, dict(_cfg(False, 1, 64), SCALES="bf16")),
-    (19, 64, 640, 128, 128, dict(_cfg(False, 1, 128), DELAY=True)),  # scales applied one tile late
-    (5, 64, 576, 64, 64, dict(_cfg(True, 2, 64), DELAY=True)),
+    (19, 64, 640, 128, 128, _cfg(False, 1, 128)),
+    (5, 64, 576, 64, 64, _cfg(True, 2, 64)),
 ]
 
 
