@@ -18,6 +18,15 @@ group's halves: the cache layout puts them in the two nibbles of a byte, so no r
 needed) with the key scales applied to the scores; P.V multiplies P (scaled by V's per-token scales) in
 fp16 with V's integer codes (exact in fp16), into two accumulators (low-nibble and high-nibble channels). Online softmax in fp32 (exp2). With SPLITS > 1 (decode), each split writes a partial
 output and its log-sum-exp, combined by a second small kernel.
+
+pv_fp8=True (one scale a token): P.V as an FP8 MMA instead. P times V's per-token scales over the
+running largest V scale (a scalar per program, rescaled with the running max) times PV_RANGE = 256 is
+rounded to E4M3, V's codes convert to FP8 (exact). Measured slower on the H100 at every config (prefill
+0.64-0.80x, decode 0.82-0.92x, benchmarks/results/attn-pvfp8-diag-h100.json) and 2.7% off the FP16
+result (P's 3 mantissa bits), so it is off by default: FP8 MMAs take their second operand K-major (keys
+contiguous) and V's tile here is channel-contiguous, so the converted tile is transposed through shared
+memory every step (8-bit types have no ldmatrix.trans). A cache layout with V packed along tokens would
+remove that; the twin is kv4_attention_ref(pv_fp8_scale=...).
 """
 
 from __future__ import annotations
@@ -27,9 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm_w4a8 import _round_to_fp8_grid
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
 
 @triton.jit
@@ -77,7 +88,8 @@ def _attn_fwd(
     s_ob, s_oh, s_ol, s_os,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
+    EXACT_ROUND: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -113,6 +125,8 @@ def _attn_fwd(
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc_a = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha (low nibbles)
     acc_b = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha + G/2 (high nibbles)
+    if PV_FP8:  # running max of V's per-token scales: the accumulators hold P.V * PV_RANGE / c_i
+        c_i = tl.max(tl.full((BM,), 1e-30, dtype=tl.float32), axis=0)  # one value for the program (one KV head)
     gcol = offs_dh // (G // 2)  # group of each nibble column
     cha = gcol * G + offs_dh % (G // 2)
     kbase = b * s_kb + hk * s_kh
@@ -202,6 +216,11 @@ def _attn_fwd(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            if PV_FP8:
+                vsc = vsc1.to(tl.float32)
+                c_new = tl.maximum(c_i, tl.max(vsc, axis=0))
+                alpha = alpha * (c_i / c_new)
+                c_i = c_new
             acc_a = acc_a * alpha[:, None]
             acc_b = acc_b * alpha[:, None]
             m_i = m_new
@@ -213,11 +232,22 @@ def _attn_fwd(
                     vz = vc
                 else:
                     vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
-                va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
-                vsc = vsc1.to(tl.float32)
-                pv = (p * vsc[None, :]).to(tl.float16)
-                acc_a += tl.dot(pv, va)
-                acc_b += tl.dot(pv, vb)
+                if PV_FP8:
+                    # FP8 P.V: P times V's per-token scales over their running max, into [0, PV_RANGE]
+                    # (E4M3's normal range reaches 448; 2^-14 of a row's largest term stays normal)
+                    va8, vb8 = nibbles_fp8(vc, vz, SYM, not SYM, ASM)
+                    pv = p * (vsc * (PV_RANGE / c_i))[None, :]
+                    if EXACT_ROUND:
+                        pv = _round_to_fp8_grid(pv)
+                    pv8 = pv.to(tl.float8e4nv)
+                    acc_a = tl.dot(pv8, va8, acc_a)
+                    acc_b = tl.dot(pv8, vb8, acc_b)
+                else:
+                    va, vb = nibbles_f16(vc, vz, SYM, not SYM, ASM)
+                    vsc = vsc1.to(tl.float32)
+                    pv = (p * vsc[None, :]).to(tl.float16)
+                    acc_a += tl.dot(pv, va)
+                    acc_b += tl.dot(pv, vb)
             else:
                 if SYM:
                     vz = vc
@@ -233,9 +263,12 @@ def _attn_fwd(
     acc_b = tl.where(row_ok[:, None], acc_b, 0.0)
     l_i = tl.where(row_ok, l_i, 0.0)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    den = l_safe
+    if PV_FP8:
+        den = l_safe * (PV_RANGE / c_i)
     optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + split * s_os + cha[None, :]
-    tl.store(optr, (acc_a / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
-    tl.store(optr + G // 2, (acc_b / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
+    tl.store(optr, (acc_a / den[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
+    tl.store(optr + G // 2, (acc_b / den[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
     if SPLITS > 1:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=in_mem)
@@ -270,7 +303,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
                          block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
                          num_stages: int = 3, seqlens_q: torch.Tensor | None = None,
-                         seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+                         seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -280,7 +313,10 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
 
     Defaults (H100, benchmarks/results/attn-diag-h100.json): prefill blocks of 64 query rows x 128 keys,
     4 warps, 3 stages; decode 16 rows x 256 keys, 4 warps, 3 stages, split along the keys until the
-    grid has about two waves (at most 32 splits)."""
+    grid has about two waves (at most 32 splits).
+
+    pv_fp8: P.V as an FP8 MMA (needs one scale a token; slower on the H100 with this cache layout, see
+    the module docstring)."""
     bsz, hq, lq, d = q8.shape
     _, hkv, lk, dh = k.shape
     if q8.dtype != torch.float8_e4m3fn or k.dtype != torch.uint8 or v.dtype != torch.uint8:
@@ -291,6 +327,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     if k_scale.shape != (bsz, hkv, lk, ng) or v_scale.shape != k_scale.shape or d % ng:
         raise ValueError("kv4_attention_triton: k_scale/v_scale must be (B, Hkv, Lk, D/G)")
     g = d // ng
+    if pv_fp8 and g != d:
+        raise ValueError("kv4_attention_triton: pv_fp8 needs one scale a token (KV group = head_dim)")
     if q8.is_cuda and g < 32:
         raise ValueError(f"kv4_attention_triton: KV groups of {g} channels; FP8 tensor cores need >= 32")
     sym = k_zero is None
@@ -350,7 +388,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                               if has_bias else (0, 0, 0)),
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
-        HAS_LENS=has_lens, ASM=use_asm(), num_warps=num_warps, num_stages=num_stages,
+        HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out

@@ -52,12 +52,19 @@ def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
 
 def kv4_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       mask: torch.Tensor | None = None, q_bias: torch.Tensor | None = None,
-                      k_bias: torch.Tensor | None = None, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      k_bias: torch.Tensor | None = None, acc_dtype: torch.dtype = torch.float32,
+                      pv_fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + q_bias k_bias^T + mask) v with GQA.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) (already dequantized); mask: broadcastable to
     (B, Hq, Lq, Lk), additive (-inf where masked) or boolean (True = keep); q_bias: (B, Hq, Lq, R),
     k_bias: (B, Hkv or Hq, Lk, R) low-rank bias factors (FlashBias). Output (B, Hq, Lq, D) in q.dtype.
+
+    pv_fp8_scale: V's per-token scales (B, Hkv, Lk) (v = codes * scale): P.V as the kernel's FP8 option
+    computes it. The unnormalized probabilities exp(s - rowmax) times each key's V scale over the
+    largest V scale of the head, times 256, are rounded to FP8 E4M3 and multiply V's integer codes;
+    the row sum uses the unrounded probabilities. (The kernel rounds against its running max and the
+    running largest scale, tile by tile: the same rounding, at other points.)
     """
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
@@ -75,6 +82,24 @@ def kv4_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             s = s.masked_fill(~mask, float("-inf"))
         else:
             s = s + mask.to(acc_dtype)
+    if pv_fp8_scale is not None:
+        return _pv_fp8(s, vv, pv_fp8_scale.to(acc_dtype).repeat_interleave(rep, dim=1)).to(q.dtype)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # fully masked rows give zeros
     return (p @ vv).to(q.dtype)
+
+
+PV_RANGE = 256.0  # the kernel's FP8 P.V scaling (attention_kv4.PV_RANGE)
+
+
+def _pv_fp8(s: torch.Tensor, vv: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    """s: (B, H, Lq, Lk) scores (-inf masked); vv: (B, H, Lk, D) dequantized V; vs: (B, H, Lk) V scales."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)  # masked: 0
+    l = p.sum(dim=-1, keepdim=True)
+    c = vs.amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (B, H, 1)
+    pv = (p * (vs * (PV_RANGE / c))[:, :, None, :]).to(torch.float8_e4m3fn).to(s.dtype)
+    codes = torch.where(vs[..., None] > 0, vv / vs[..., None].clamp_min(1e-30), torch.zeros_like(vv)).round()
+    out = (pv @ codes) * (c / PV_RANGE)[..., None]
+    return out / torch.where(l == 0, torch.ones_like(l), l)

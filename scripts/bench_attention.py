@@ -11,6 +11,8 @@ I/O: for prefill, HBM bytes from the kernel's tiles (Q, O once; K and V codes + 
 block) next to the Saha-Ye lower bound N^2 d^2 / M for the on-chip memory M the tiles use.
 Both cache formats: symmetric INT4 (summary keys without suffix) and asymmetric with zero points (the
 default recipe's, keys ending in _asym). Each point times a few tile configs and reports the best.
+P.V both ways: FP16 (the default; rows with pv = "fp16") and the FP8 option (pv_fp8=True; rows with
+pv = "fp8", summary keys ending in _pvfp8).
 """
 
 from __future__ import annotations
@@ -37,31 +39,34 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pv", default="fp16,fp8", help="P.V variants to time: fp16, fp8 or both")
     args = ap.parse_args()
     env = env_info()
     dev = "cuda"
     torch.manual_seed(0)
     rows = []
+    pvs = args.pv.split(",")
     for sym in (True, False):
-        run_format(args, env, dev, KVSpec(symmetric=sym), rows)
-    pre = [r for r in rows if r["kind"] == "prefill"]
-    dec = [r for r in rows if r["kind"] == "decode"]
-    al = [r for r in rows if r["kind"] == "alibi"]
+        for pv in pvs:
+            run_format(args, env, dev, KVSpec(symmetric=sym), rows, pv == "fp8")
     summary = {}
-    for sym, tag in ((True, ""), (False, "_asym")):
-        summary.update({
-            f"prefill_vs_sdpa_bf16{tag}": geomean([r["vs_sdpa"] for r in pre if r["sym"] == sym]),
-            f"decode_vs_sdpa_bf16{tag}": geomean([r["vs_sdpa"] for r in dec if r["sym"] == sym]),
-            f"alibi_vs_sdpa_dense_bias{tag}": [r["vs_sdpa"] for r in al if r["sym"] == sym][0],
-            f"alibi_overhead_vs_nobias_max{tag}": max(r["overhead"] for r in al if r["sym"] == sym)})
-    print(table(rows, ["kind", "sym", "S", "L", "B", "ours_ms", "sdpa_ms", "vs_sdpa", "hbm_tbps", "err", "cfg"]))
+    for pv in pvs:
+        for sym in (True, False):
+            tag = ("" if sym else "_asym") + ("_pvfp8" if pv == "fp8" else "")
+            sel = [r for r in rows if r["sym"] == sym and r["pv"] == pv]
+            summary.update({
+                f"prefill_vs_sdpa_bf16{tag}": geomean([r["vs_sdpa"] for r in sel if r["kind"] == "prefill"]),
+                f"decode_vs_sdpa_bf16{tag}": geomean([r["vs_sdpa"] for r in sel if r["kind"] == "decode"]),
+                f"alibi_vs_sdpa_dense_bias{tag}": [r["vs_sdpa"] for r in sel if r["kind"] == "alibi"][0],
+                f"alibi_overhead_vs_nobias_max{tag}": max(r["overhead"] for r in sel if r["kind"] == "alibi")})
+    print(table(rows, ["kind", "sym", "pv", "S", "L", "B", "ours_ms", "sdpa_ms", "vs_sdpa", "hbm_tbps", "err", "cfg"]))
     print({k: round(v, 3) for k, v in summary.items()})
     write_json(args.json, dict(env=env, rows=rows, summary=summary,
                                note="summary keys without a suffix: symmetric INT4 KV (KVSpec()); _asym: asymmetric "
                                     "with zero points, the default recipe's format"))
 
 
-def run_format(args, env, dev, spec, rows):
+def run_format(args, env, dev, spec, rows, pv_fp8=False):
     import torch.nn.functional as F
 
     from fireq.formats.fp8 import quantize_fp8_rows
@@ -70,6 +75,7 @@ def run_format(args, env, dev, spec, rows):
     from fireq_kernels.bias import alibi_factors, alibi_dense, alibi_slopes
 
     sym = spec.symmetric
+    pv = "fp8" if pv_fp8 else "fp16"
     best_cfg = {}
 
     def make(b, hq, hkv, lq, lk, d=128):
@@ -112,7 +118,7 @@ def run_format(args, env, dev, spec, rows):
             try:
                 f = lambda bm=bm, bn=bn, w=w, st=st: kv4_attention_triton(  # noqa: E731
                     q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True, k_zero=qk.zeros,
-                    v_zero=qv.zeros, splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                    v_zero=qv.zeros, splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st, pv_fp8=pv_fp8)
                 t = bench_graph([f], warmup=5, rep=20)
                 if best is None or t < best[0]:
                     best = (t, bm, bn, w, st, f)
@@ -130,7 +136,7 @@ def run_format(args, env, dev, spec, rows):
         q_o_bytes = 32 * S * 128 * (1 + 2) + 32 * S * 4
         onchip = (bm * 128 + 2 * bn * 64 + bm * bn * 4 + bm * 128 * 4)  # Q fp8, K/V codes, S fp32, acc fp32
         lower = 32 * (S * S * 128 * 128 / onchip) / 2
-        rows.append(dict(kind="prefill", sym=sym, S=S, B=1, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
+        rows.append(dict(kind="prefill", sym=sym, pv=pv, S=S, B=1, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
                          tflops=flops / t_ours / 1e9, hbm_bytes=kv_bytes + q_o_bytes,
                          hbm_tbps=(kv_bytes + q_o_bytes) / t_ours / 1e9, saha_ye_lower_bound_bytes=lower,
                          err=err, cfg=[bm, bn, w, st]))
@@ -150,7 +156,7 @@ def run_format(args, env, dev, spec, rows):
             for sp, bn in DECODE_CFGS:
                 fns = [lambda a=a, c=c, sp=sp, bn=bn: kv4_attention_triton(
                     q8, qs, a.packed, a.scales, c.packed, c.scales, scale, True, k_zero=a.zeros, v_zero=c.zeros,
-                    splits=sp, block_n=bn) for a, c in caches]
+                    splits=sp, block_n=bn, pv_fp8=pv_fp8) for a, c in caches]
                 try:
                     t = bench_graph(fns, warmup=5, rep=20)
                 except Exception as e:
@@ -165,7 +171,7 @@ def run_format(args, env, dev, spec, rows):
             t_sdpa = bench_graph([lambda kk=kk: F.scaled_dot_product_attention(q, kk, v, enable_gqa=True)
                                   for kk in ks])
             kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
-            rows.append(dict(kind="decode", sym=sym, L=L, B=B, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
+            rows.append(dict(kind="decode", sym=sym, pv=pv, L=L, B=B, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
                              hbm_tbps=kv_bytes / t_ours / 1e9, err=err, cfg=list(sp)))
             print(rows[-1], flush=True)
             del q, k, v, q8, qk, qv, caches, ks
@@ -183,16 +189,16 @@ def run_format(args, env, dev, spec, rows):
     bm, bn, w, st = best_prefill_cfg
     f_bias = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True,  # noqa
                                           k_zero=qk.zeros, v_zero=qv.zeros, q_bias=qb, k_bias=kb, splits=1,
-                                          block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                                          block_m=bm, block_n=bn, num_warps=w, num_stages=st, pv_fp8=pv_fp8)
     f_nob = lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True,  # noqa
                                          k_zero=qk.zeros, v_zero=qv.zeros, splits=1, block_m=bm, block_n=bn,
-                                         num_warps=w, num_stages=st)
+                                         num_warps=w, num_stages=st, pv_fp8=pv_fp8)
     err = check(f_bias(), q8, qs, qk, qv, S, S, True, qb, kb)
     t_bias, t_nob = bench_graph([f_bias]), bench_graph([f_nob])
     dense = (alibi_dense(slopes, S, S).to(dev, torch.bfloat16)
              + torch.triu(torch.full((S, S), float("-inf"), device=dev), 1).to(torch.bfloat16))[None]
     t_dense = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)])
-    rows.append(dict(kind="alibi", sym=sym, S=S, cfg=list(best_prefill_cfg), ours_ms=t_bias, nobias_ms=t_nob, sdpa_dense_ms=t_dense,
+    rows.append(dict(kind="alibi", sym=sym, pv=pv, S=S, cfg=list(best_prefill_cfg), ours_ms=t_bias, nobias_ms=t_nob, sdpa_dense_ms=t_dense,
                      vs_sdpa=t_dense / t_bias, overhead=t_bias / t_nob, err=err))
     print(rows[-1], flush=True)
 

@@ -50,7 +50,7 @@ def _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r=0):
     return q8, qs, qk, qv, qb, kb
 
 
-def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0):
+def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv_fp8=False):
     if GPU:  # FP8 tensor-core products need >= 32 channels a group
         d = max(d, 64)
         if spec.group_size not in (-1, 0):
@@ -63,12 +63,13 @@ def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0):
     mask = _mask(lq, lk, causal, window)
     ref = kv4_attention_ref(qd, kd, vd, scale, mask, None if qb is None else qb.double(),
                             None if kb is None else kb.double(), acc_dtype=torch.float64)
-    twin = kv4_attention_ref(qd.float(), kd.float(), vd.float(), scale, mask, qb, kb)
+    vs = qv.scales[..., 0].float() if pv_fp8 else None  # the twin rounds P to FP8 as the kernel does
+    twin = kv4_attention_ref(qd.float(), kd.float(), vd.float(), scale, mask, qb, kb, pv_fp8_scale=vs)
     dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
                                qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, dv(qk.zeros),
                                dv(qv.zeros), dv(qb), dv(kb), out_dtype=torch.float32, splits=splits,
-                               block_m=16, block_n=16 if not GPU else 64).cpu()
+                               block_m=16, block_n=16 if not GPU else 64, pv_fp8=pv_fp8).cpu()
     assert torch.isfinite(got).all()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
@@ -92,6 +93,32 @@ def test_attention_kv_formats(spec):
 def test_decode_split_kv(splits):
     _run(2, 8, 2, 1, 50, 32, KVSpec(), True, 0, splits, seed=splits)
     _run(1, 4, 1, 2, 45, 32, KVSpec(), True, 0, splits, seed=10 + splits)  # Lq = 2
+
+
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(scale_dtype="bf16")])
+@pytest.mark.parametrize("lq,lk,causal,window,splits", [(24, 24, True, 0, 1), (17, 30, False, 0, 1),
+                                                       (20, 20, True, 7, 1), (1, 50, True, 0, 3), (3, 41, True, 0, 2)])
+def test_pv_fp8(spec, lq, lk, causal, window, splits):
+    """The FP8 P.V option against the float64 reference, error within 2x of the twin that rounds P the same
+    way (and far inside the FP16 path's bound of 2^-4 a term: the errors average over keys)."""
+    # P's FP8 rounding is a random error of a few percent a term: enough rows (2 x 16 heads) that the norms
+    # compare distributions, not a handful of roundings
+    _run(2, 16, 4, lq, lk, 32, spec, causal, window, splits, seed=lq * 3 + lk, pv_fp8=True)
+    _run(2, 12, 2, lq, lk, 32, spec, causal, window, splits, seed=lq * 3 + lk + 1, bias_r=2, pv_fp8=True)
+
+
+def test_pv_fp8_twin_is_close_to_exact():
+    """The FP8 P.V twin is an approximation of the exact attention at FP8's precision, not a different
+    function: relative error of a few 1e-3 on random data, much more than the fp16 path's and bounded."""
+    spec = KVSpec()
+    q8, qs, qk, qv, _, _ = _case(1, 4, 2, 64, 64, 32, spec, seed=42)
+    qd = q8.double() * qs.double()
+    kd, vd = dequantize_kv(qk, 32, spec, torch.float64), dequantize_kv(qv, 32, spec, torch.float64)
+    mask = _mask(64, 64, True, 0)
+    ref = kv4_attention_ref(qd, kd, vd, 0.2, mask, acc_dtype=torch.float64)
+    emu = kv4_attention_ref(qd, kd, vd, 0.2, mask, acc_dtype=torch.float64, pv_fp8_scale=qv.scales[..., 0].double())
+    err = ((emu - ref).norm() / ref.norm()).item()
+    assert 1e-4 < err < 2e-2, err
 
 
 def test_flashbias_factors():
