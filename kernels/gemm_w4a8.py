@@ -177,17 +177,19 @@ def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl
 
 @triton.jit
 def _w4a8_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, inv_mult,
-    stride_xm, stride_wn, stride_wsn, stride_om,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
+    M, N, K, inv_mult, inv_mult2,
+    stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
-    FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr,
+    FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
-    order afterwards, so results are deterministic)."""
+    order afterwards, so results are deterministic). EPI > 0 (gated activation): rows 2i and 2i + 1 of w
+    are gate and up channel i, scaled by inv_mult and inv_mult2, and out is (M, N/2) = act(gate) * up.
+    HAS_RES: out += r (M, out columns)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -289,7 +291,9 @@ def _w4a8_gemm_kernel(
                 else:
                     acc += part * s[None, :]
 
-    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0) * inv_mult
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+    if EPI == 0:
+        xs = xs * inv_mult
     if PER_CHANNEL:
         sn = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
     if SWAP:
@@ -324,31 +328,92 @@ def _w4a8_gemm_kernel(
             for sk in range(1, SPLIT_K):
                 total += tl.load(part_ptr + sk * M * N + p_off, mask=msk, other=0.0, volatile=True)
             tl.atomic_xchg(cnt_ptr + pid, 0)
-            tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=msk)
+            _tile_store(total, out_ptr, r_ptr, offs_m, pid_n, mask_m, N, stride_om, stride_rm, inv_mult, inv_mult2,
+                        BM, BN, SWAP, EPI, HAS_RES)
     elif SPLIT_K > 1:
         tl.store(ptrs + pid_k.to(tl.int64) * M * stride_om, acc, mask=msk)
     else:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=msk)
+        _tile_store(acc, out_ptr, r_ptr, offs_m, pid_n, mask_m, N, stride_om, stride_rm, inv_mult, inv_mult2,
+                    BM, BN, SWAP, EPI, HAS_RES)
 
 
 @triton.jit
-def _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn,
-                   PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc (BN,) fp32 sums over all of K -> scaled, biased, stored as out (1, N)."""
-    acc = acc * (tl.load(xs_ptr) * inv_mult)
+def _gated(g, u, inv_mult, inv_mult2, EPI: tl.constexpr):
+    """act(g * inv_mult) * (u * inv_mult2) in fp32. EPI 1: SiLU, g * sigmoid(g); EPI 2: GELU with the tanh
+    approximation, 0.5 g (1 + tanh(z)) = g * sigmoid(2 z), z = sqrt(2/pi) (g + 0.044715 g^3)."""
+    g = g * inv_mult
+    u = u * inv_mult2
+    if EPI == 1:
+        a = g * tl.sigmoid(g)
+    else:
+        a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    return a * u
+
+
+@triton.jit
+def _tile_store(acc, out_ptr, r_ptr, offs_m, pid_n, mask_m, N, stride_om, stride_rm, inv_mult, inv_mult2,
+                BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr):
+    """The scaled FP32 tile (BN, BM) (SWAP) or (BM, BN) -> its gated activation (EPI > 0: interleaved gate/up
+    rows, BN/2 outputs), plus the residual, stored in out's dtype."""
+    if EPI > 0:
+        if SWAP:
+            g, u = tl.split(tl.permute(tl.reshape(acc, (BN // 2, 2, BM)), (0, 2, 1)))
+        else:
+            g, u = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+        y = _gated(g, u, inv_mult, inv_mult2, EPI)
+        offs_o = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        n_out = N // 2
+    else:
+        y = acc
+        offs_o = pid_n * BN + tl.arange(0, BN)
+        n_out = N
+    mask_o = offs_o < n_out
+    if SWAP:
+        row = offs_m[None, :].to(tl.int64)
+        col = offs_o[:, None]
+        msk = mask_m[None, :] & mask_o[:, None]
+    else:
+        row = offs_m[:, None].to(tl.int64)
+        col = offs_o[None, :]
+        msk = mask_m[:, None] & mask_o[None, :]
+    if HAS_RES:
+        y += tl.load(r_ptr + row * stride_rm + col, mask=msk, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + col, y.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_n, mask_n, N, inv_mult, inv_mult2,
+                   stride_wsn, BN: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EPI: tl.constexpr, HAS_RES: tl.constexpr):
+    """acc (BN,) fp32 sums over all of K -> scaled, biased (gated, plus the residual), stored as out (1, N)
+    (or (1, N/2) gated)."""
+    acc = acc * tl.load(xs_ptr)
+    if EPI == 0:
+        acc = acc * inv_mult
     if PER_CHANNEL:
         acc = acc * tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if EPI > 0:
+        g, u = tl.split(tl.reshape(acc, (BN // 2, 2)))
+        acc = _gated(g, u, inv_mult, inv_mult2, EPI)
+        offs_o = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        mask_o = offs_o < N // 2
+    else:
+        offs_o = offs_n
+        mask_o = mask_n
+    if HAS_RES:
+        acc += tl.load(r_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
 
 
 @triton.jit
 def _w4a8_gemv_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-    N, K, inv_mult, stride_wn, stride_wsn,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
+    N, K, inv_mult, inv_mult2, stride_wn, stride_wsn,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr, ASM: tl.constexpr,
+    EPI: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     """One token (M = 1): CUDA-core dot products, no MMA padding to 16 rows.
 
@@ -400,8 +465,8 @@ def _w4a8_gemv_kernel(
             sc = tl.load(ws_ptr + offs_n * stride_wsn + (t * BK) // GROUP, mask=mask_n, other=0.0).to(tl.float32)
             acc += tl.sum(prod, axis=1) * sc
     if SPLIT_K == 1:
-        _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
-                       HAS_BIAS)
+        _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_n, mask_n, N, inv_mult, inv_mult2,
+                       stride_wsn, BN, PER_CHANNEL, HAS_BIAS, EPI, HAS_RES)
     else:
         tl.store(part_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
@@ -410,8 +475,8 @@ def _w4a8_gemv_kernel(
             for sk in range(1, SPLIT_K):
                 total += tl.load(part_ptr + sk * N + offs_n, mask=mask_n, other=0.0, volatile=True)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            _gemv_epilogue(total, xs_ptr, b_ptr, out_ptr, ws_ptr, offs_n, mask_n, inv_mult, stride_wsn, PER_CHANNEL,
-                           HAS_BIAS)
+            _gemv_epilogue(total, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_n, mask_n, N, inv_mult,
+                           inv_mult2, stride_wsn, BN, PER_CHANNEL, HAS_BIAS, EPI, HAS_RES)
 
 
 _COUNTERS: dict = {}
@@ -449,18 +514,36 @@ def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
+EPILOGUES = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
+
+
 def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                      log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
                      out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
-                     layout_block: int = 0) -> torch.Tensor:
+                     layout_block: int = 0, epilogue: str | None = None, log2_multiplier2: int | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """See reference.w4a8_gemm_ref. xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8
     in the checkpoint layout, or with layout_block > 0 the kernel layout of repack_half(qweight, K,
     layout_block) (N, ceil(K / layout_block) * layout_block / 2); w_scales: (N, G) fp8/bf16; bias: (N,)
-    or None -> (M, N) out_dtype."""
+    or None -> (M, N) out_dtype.
+
+    epilogue "silu_mul" / "gelu_tanh_mul": qweight's rows alternate gate and up channels
+    (interleave_gate_up), the gate rows' multiplier is 2^log2_multiplier and the up rows'
+    2^log2_multiplier2; the result is act(gate) * up, (M, N/2). residual: (M, N or N/2), added last."""
     if xq.dtype != torch.float8_e4m3fn or qweight.dtype != torch.uint8:
         raise TypeError("w4a8_gemm_triton: xq must be float8_e4m3fn and qweight uint8")
     m, k = xq.shape
     n = qweight.shape[0]
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"w4a8_gemm_triton: unknown epilogue {epilogue!r} (one of {list(EPILOGUES)})")
+    epi = EPILOGUES[epilogue]
+    if epi and n % 2:
+        raise ValueError("w4a8_gemm_triton: a gated epilogue needs interleaved gate/up rows (even N)")
+    n_out = n // 2 if epi else n
+    if residual is not None and (residual.shape != (m, n_out) or residual.stride(-1) != 1
+                                 or residual.device != xq.device):
+        raise ValueError(f"w4a8_gemm_triton: residual must be ({m}, {n_out}) with contiguous rows on the device")
+    mult2 = 2.0 ** -(log2_multiplier if log2_multiplier2 is None else log2_multiplier2)
     row_bytes = (k + 1) // 2 if not layout_block else triton.cdiv(k, layout_block) * layout_block // 2
     if qweight.shape[1] != row_bytes:
         raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {row_bytes} for K={k}")
@@ -478,17 +561,19 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     split = cfg["SPLIT_K"]
     if cfg.get("GEMV"):
         return _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg,
-                            layout_block)
+                            layout_block, epi, mult2, residual)
     half = layout_block > 0
     if half and (cfg["BK"] != layout_block or cfg.get("DEQ16") or cfg.get("UNPACK_DUP")):
         cfg = dict(cfg, BK=layout_block, DEQ16=False, UNPACK_DUP=False)
     fused = split > 1 and cfg.get("FUSED", True)
+    if split > 1 and (epi or residual is not None):
+        fused = True  # the gated epilogue and the residual need the whole sum: summed in the kernel
     if split > 1 and not fused:
         out = torch.empty((split, m, n), dtype=torch.float32, device=xq.device)
     else:
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+        out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
     if m == 0:
-        return torch.empty((0, n), dtype=out_dtype, device=xq.device)
+        return torch.empty((0, n_out), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     grid = (tiles, split)
     part = torch.empty((split, m, n), dtype=torch.float32, device=xq.device) if fused else out
@@ -496,13 +581,15 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemm_kernel[grid](
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
-        m, n, k, 2.0 ** -log2_multiplier,
+        residual if residual is not None else xs,
+        m, n, k, 2.0 ** -log2_multiplier, mult2,
         xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(-2),
+        residual.stride(0) if residual is not None else 0,
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
-        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half, ASM=use_asm(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
+        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
 
@@ -533,7 +620,7 @@ def unpack_half(packed: torch.Tensor, k: int, block: int) -> torch.Tensor:
 
 
 def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg,
-                 layout_block=0):
+                 layout_block=0, epi=0, mult2=1.0, residual=None):
     m, k = xq.shape
     n = qweight.shape[0]
     if m != 1:
@@ -541,29 +628,47 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
     split, bn, bk = cfg["SPLIT_K"], cfg["BN"], cfg["BK"]
     if not per_channel and bk > g and bk % g:
         raise ValueError(f"GEMV: BK={bk} must divide the group size {g} or be a multiple of it")
-    out = torch.empty((1, n), dtype=out_dtype, device=xq.device)
+    out = torch.empty((1, n // 2 if epi else n), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(n, bn)
     part = torch.empty((split, n), dtype=torch.float32, device=xq.device) if split > 1 else out
     cnt = _tile_counters(xq.device, tiles)
     xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemv_kernel[(tiles, split)](
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
-        n, k, 2.0 ** -log2_multiplier, qweight.stride(0), w_scales.stride(0),
+        residual if residual is not None else xs,
+        n, k, 2.0 ** -log2_multiplier, mult2, qweight.stride(0), w_scales.stride(0),
         GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, ASM=use_asm(), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, ASM=use_asm(), EPI=epi, HAS_RES=residual is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
-                       group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0) -> torch.Tensor:
-    """x (..., K) -> (..., N) in x.dtype: fused FP8 activation quantization, then the GEMM."""
+                       group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0,
+                       epilogue: str | None = None, log2_multiplier2: int | None = None,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x.dtype (or (..., N/2) with a gated epilogue): fused FP8 activation
+    quantization, then the GEMM (with its epilogue; residual (..., N or N/2) added last)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     xq, xs = quantize_fp8_rows_triton(x2)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(x2.shape[0], -1)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
     out = w4a8_gemm_triton(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype,
-                           layout_block=layout_block)
+                           layout_block=layout_block, epilogue=epilogue, log2_multiplier2=log2_multiplier2,
+                           residual=r2)
     return out.reshape(*x.shape[:-1], -1)
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rows of gate (N, ...) and up (N, ...) alternated into one (2N, ...) tensor: row 2i is gate row i and
+    row 2i + 1 up row i (the gated epilogue's layout; weights, scales and biases alike)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError("interleave_gate_up: gate and up must have one shape and dtype")
+    return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])

@@ -19,18 +19,39 @@ __all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8
 
 def w4a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                   log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
-                  out_dtype: torch.dtype = torch.bfloat16, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  out_dtype: torch.dtype = torch.bfloat16, acc_dtype: torch.dtype = torch.float32,
+                  epilogue: str | None = None, log2_multiplier2: int | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """out = (xq * x_scale) @ (q * s_w / 2^e)^T + bias.
 
     xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8; w_scales: (N, G) fp8 or bf16;
     bias: (N,) or None. Accumulates in acc_dtype (float32 like the kernel; float64 for the oracle).
+    epilogue "silu_mul" / "gelu_tanh_mul": rows 2i and 2i + 1 are gate and up channel i (the up rows with
+    multiplier 2^log2_multiplier2); out (M, N/2) = act(gate) * up, computed before the cast.
+    residual: (M, N or N/2), added last.
     """
     k = xq.shape[1]
     w = unpack_int4_ref(qweight, k).to(acc_dtype) * group_scales_ref(w_scales, k, group_size).to(acc_dtype)
-    out = (xq.to(acc_dtype) @ w.t()) * (x_scale.to(acc_dtype) * 2.0 ** -log2_multiplier)
+    out = (xq.to(acc_dtype) @ w.t()) * x_scale.to(acc_dtype)
+    if epilogue is None:
+        out = out * 2.0 ** -log2_multiplier
     if bias is not None:
         out = out + bias.to(acc_dtype)
+    if epilogue is not None:
+        e2 = log2_multiplier if log2_multiplier2 is None else log2_multiplier2
+        out = gated_act_ref(out[:, 0::2] * 2.0 ** -log2_multiplier, epilogue) * (out[:, 1::2] * 2.0 ** -e2)
+    if residual is not None:
+        out = out + residual.to(acc_dtype)
     return out.to(out_dtype)
+
+
+def gated_act_ref(g: torch.Tensor, epilogue: str) -> torch.Tensor:
+    """The gate's activation of a gated MLP: silu_mul -> SiLU, gelu_tanh_mul -> GELU (tanh approximation)."""
+    if epilogue == "silu_mul":
+        return torch.nn.functional.silu(g)
+    if epilogue == "gelu_tanh_mul":
+        return torch.nn.functional.gelu(g, approximate="tanh")
+    raise ValueError(f"unknown epilogue {epilogue!r}")
 
 
 def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,

@@ -156,3 +156,73 @@ def test_gemm_kernel_layout_matches_float64(m, n, k, gs, lb, cfg):
         err = (got.double() - ref).norm() / ref.norm()
         err_twin = (twin.double() - ref).norm() / ref.norm()
         assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-7), (err, err_twin)
+
+
+EPI_CASES = [
+    # m, n (gate = up channels), k, group, layout block, config
+    (1, 40, 256, 128, 0, dict(GEMV=True, BN=16, BK=128, SPLIT_K=1, num_warps=4, num_stages=2)),
+    (1, 48, 384, 128, 128, dict(GEMV=True, BN=32, BK=256, SPLIT_K=2, num_warps=4, num_stages=2)),
+    (3, 40, 576, 128, 128, _cfg(True, 1, 128)),
+    (5, 48, 384, 64, 64, _cfg(True, 3, 64)),  # split-K: the last program gates the sum
+    (5, 48, 384, 64, 64, dict(_cfg(True, 3, 64), FUSED=False)),  # (forced in-kernel: the gate needs the sum)
+    (20, 36, 192, 32, 0, _cfg(False, 1, 32)),  # plain schedule, checkpoint layout
+    (19, 64, 256, -1, 64, _cfg(False, 1, 64)),  # per-channel
+]
+
+
+def _gate_up(m, n, k, gs, seed):
+    from fireq_kernels.gemm_w4a8 import interleave_gate_up
+
+    x, qg, sg, eg, bg = _operands(m, n, k, gs, seed)
+    _, qu, su, eu, bu = _operands(m, n, k, gs, seed + 100)
+    return (x, interleave_gate_up(qg, qu), interleave_gate_up(sg, su), eg, eu + (seed % 2),
+            interleave_gate_up(bg, bu))
+
+
+@pytest.mark.parametrize("m,n,k,gs,lb,cfg", EPI_CASES)
+@pytest.mark.parametrize("epilogue", ["silu_mul", "gelu_tanh_mul"])
+def test_gated_epilogue_matches_float64(m, n, k, gs, lb, cfg, epilogue):
+    """Interleaved gate/up rows (each with its own multiplier) -> act(gate) * up (+ residual), against the
+    float64 twin of the same quantized operands."""
+    from fireq_kernels.gemm_w4a8 import repack_half
+
+    if GPU and not cfg.get("GEMV"):
+        cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
+    for seed in range(2):
+        x, qw, sc, eg, eu, b = _gate_up(m, n, k, gs, seed)
+        res = (torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) * 0.1).to(DEV) if seed else None
+        xq, xs = quantize_fp8_rows_ref(x)
+        args = dict(epilogue=epilogue, log2_multiplier2=eu, residual=res)
+        ref = w4a8_gemm_ref(xq, xs, qw, sc, eg, gs, b, torch.float64, torch.float64, **args)
+        twin = w4a8_gemm_ref(xq, xs, qw, sc, eg, gs, b, torch.float32, torch.float32, **args)
+        w = repack_half(qw, k, lb) if lb else qw
+        got = w4a8_gemm_triton(xq, xs, w, sc, eg, gs, b, torch.float32, config=cfg, layout_block=lb, **args)
+        assert got.shape == (m, n) and torch.isfinite(got).all()
+        err = (got.double() - ref).norm() / ref.norm()
+        err_twin = (twin.double() - ref).norm() / ref.norm()
+        assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-6), (err, err_twin)
+
+
+@pytest.mark.parametrize("m,cfg", [(1, dict(GEMV=True, BN=16, BK=128, SPLIT_K=2, num_warps=4, num_stages=2)),
+                                   (7, _cfg(True, 2, 128)), (9, _cfg(False, 1, 128))])
+def test_residual_epilogue_matches_float64(m, cfg):
+    if GPU and not cfg.get("GEMV"):
+        cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
+    x, qweight, scales, e, b = _operands(m, 72, 384, 128, 3)
+    res = torch.randn(m, 72, generator=torch.Generator().manual_seed(4)).to(DEV)
+    xq, xs = quantize_fp8_rows_ref(x)
+    ref = w4a8_gemm_ref(xq, xs, qweight, scales, e, 128, b, torch.float64, torch.float64, residual=res)
+    twin = w4a8_gemm_ref(xq, xs, qweight, scales, e, 128, b, torch.float32, torch.float32, residual=res)
+    got = w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, torch.float32, config=cfg, residual=res)
+    err = (got.double() - ref).norm() / ref.norm()
+    err_twin = (twin.double() - ref).norm() / ref.norm()
+    assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-6), (err, err_twin)
+
+
+def test_epilogue_rejects_bad_input():
+    x, qweight, scales, e, b = _operands(4, 32, 256, 128, 1)
+    xq, xs = quantize_fp8_rows_ref(x)
+    with pytest.raises(ValueError, match="epilogue"):
+        w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, epilogue="relu")
+    with pytest.raises(ValueError, match="residual"):
+        w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, residual=torch.zeros(4, 31, device=DEV))
