@@ -33,8 +33,10 @@ def triton_fp8_capable(device: torch.device) -> bool:
 
 def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
                 group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True,
-                layout_block: int = 0) -> torch.Tensor:
-    """Quantized linear: x (..., K) -> (..., N). See reference.w4a8_linear_ref for the semantics."""
+                layout_block: int = 0, epilogue: str | None = None, log2_multiplier2: int | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantized linear: x (..., K) -> (..., N) (or (..., N/2) with a gated epilogue over interleaved
+    gate/up rows; residual (..., N or N/2) added last). See reference.w4a8_linear_ref for the semantics."""
     if act_quant and triton_fp8_capable(x.device):
         from .gemm_w4a8 import load_tuned, w4a8_linear_triton
 
@@ -43,10 +45,12 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
             load_tuned()
             _tuned_loaded = True
 
-        return w4a8_linear_triton(x, qweight, w_scales, log2_multiplier, group_size, bias, layout_block)
+        return w4a8_linear_triton(x, qweight, w_scales, log2_multiplier, group_size, bias, layout_block, epilogue,
+                                  log2_multiplier2, residual)
     if layout_block:
         raise ValueError("the reference path reads the checkpoint layout (layout_block=0)")
-    return reference.w4a8_linear_ref(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant)
+    return reference.w4a8_linear_ref(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant, epilogue,
+                                     log2_multiplier2, residual)
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -65,6 +69,20 @@ def w4a8_linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tenso
 @w4a8_linear_op.register_fake
 def _w4a8_linear_fake(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant, layout_block):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("fireq::w4a8_linear_gated", mutates_args=())
+def w4a8_linear_gated_op(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
+                         log2_multiplier2: int, group_size: int, bias: Optional[torch.Tensor], act_quant: bool,
+                         layout_block: int, epilogue: str) -> torch.Tensor:
+    return w4a8_linear(x, qweight, w_scales, log2_multiplier, group_size, bias, act_quant, layout_block, epilogue,
+                       log2_multiplier2)
+
+
+@w4a8_linear_gated_op.register_fake
+def _w4a8_linear_gated_fake(x, qweight, w_scales, log2_multiplier, log2_multiplier2, group_size, bias, act_quant,
+                            layout_block, epilogue):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
 @torch.library.custom_op("fireq::kv4_attention", mutates_args=())

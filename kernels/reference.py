@@ -55,19 +55,20 @@ def gated_act_ref(g: torch.Tensor, epilogue: str) -> torch.Tensor:
 
 
 def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
-                    group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True) -> torch.Tensor:
-    """A whole quantized linear: per-token FP8 quantization of x (..., K), then the GEMM. Output in x.dtype."""
+                    group_size: int, bias: torch.Tensor | None = None, act_quant: bool = True,
+                    epilogue: str | None = None, log2_multiplier2: int | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole quantized linear: per-token FP8 quantization of x (..., K), then the GEMM (with the epilogue
+    and residual of w4a8_gemm_ref). Output in x.dtype."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    r2 = None if residual is None else residual.reshape(x2.shape[0], -1)
     if act_quant:
         xq, xs = quantize_fp8_rows_ref(x2)
-        out = w4a8_gemm_ref(xq, xs, qweight, w_scales, log2_multiplier, group_size, bias, out_dtype=x.dtype)
-    else:
-        w = unpack_int4_ref(qweight, k).float() * group_scales_ref(w_scales, k, group_size) * 2.0 ** -log2_multiplier
-        out = x2.float() @ w.t()
-        if bias is not None:
-            out = out + bias.float()
-        out = out.to(x.dtype)
+    else:  # the float input itself, scale 1
+        xq, xs = x2.float(), torch.ones(x2.shape[0], 1)
+    out = w4a8_gemm_ref(xq, xs.to(x2.device), qweight, w_scales, log2_multiplier, group_size, bias,
+                        out_dtype=x.dtype, epilogue=epilogue, log2_multiplier2=log2_multiplier2, residual=r2)
     return out.reshape(*x.shape[:-1], -1)
 
 

@@ -12,6 +12,7 @@ from ..errors import FireqError
 from ..formats.int4 import n_groups
 from ..models.registry import arch_of, decoder_layers
 from ..nn.linear import QuantLinear
+from ..nn.mlp import fuse_gated_mlps
 from .format import FORMAT_VERSION, QUANT_METHOD
 
 
@@ -60,6 +61,7 @@ def swap_modules(model: nn.Module, qc: dict, dtype: torch.dtype) -> None:
         q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, w["group_size"], w["scale_dtype"],
                         act, dtype, device="cpu")
         _set(model, name, q)
+    fuse_gated_mlps(model)  # gate/up as one GEMM with the activation in its epilogue, on the GPU
     kv = qc["kv_cache"]
     aq = attention.AttentionQuant(KVSpec(kv["bits"], kv["group_size"], kv["symmetric"], kv["scale_dtype"]),
                                   qc["queries"]["dtype"] is not None)

@@ -106,8 +106,10 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._layout_block:
-            destination[prefix + "qweight"] = self.checkpoint_qweight()
+        if self._layout_block or not self.qweight.is_contiguous():
+            destination[prefix + "qweight"] = self.checkpoint_qweight().contiguous()
+        if not self.scales.is_contiguous():  # a view of a fused gate/up tensor (QuantGatedMLP)
+            destination[prefix + "scales"] = self.scales.contiguous()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._log2m = None

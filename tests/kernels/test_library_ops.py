@@ -22,6 +22,18 @@ def test_opcheck_w4a8_linear():
     torch.library.opcheck(w4a8_linear_op, (x, lin.qweight, lin.scales, 0, 32, lin.bias, True, 0))
 
 
+def test_opcheck_w4a8_linear_gated():
+    from fireq_kernels.gemm_w4a8 import interleave_gate_up
+    from fireq_kernels.ops import w4a8_linear_gated_op
+
+    lin, g = _lin("bf16")
+    q, s = interleave_gate_up(lin.qweight, lin.qweight), interleave_gate_up(lin.scales, lin.scales)
+    x = torch.randn(3, 96, generator=g)
+    out = w4a8_linear_gated_op(x, q, s, 0, 1, 32, None, True, 0, "silu_mul")
+    assert out.shape == (3, 40)
+    torch.library.opcheck(w4a8_linear_gated_op, (x, q, s, 0, 1, 32, None, True, 0, "silu_mul"))
+
+
 def test_compile_fullgraph_quant_linear():
     lin, g = _lin()
     x = torch.randn(7, 96, generator=g)
