@@ -20,6 +20,8 @@ Schedules:
   tile sums in split order (deterministic, one launch).
 - plain: (BM, BN) output tiles, the weights as the shared-memory operand (slower on the H100; kept for
   the checkpoint layout and as a tuning candidate).
+- persistent (config PERSIST = programs an SM, SPLIT_K 1): a grid of PERSIST x SMs programs that walk the
+  output tiles in the grouped order; a tuning candidate at large M.
 
 Config lists come from functions below; winners per (bucketed M, N, K) for a GPU can be saved as JSON
 (kernels/tuned/<gpu>.json) and are loaded explicitly by `load_tuned`.
@@ -78,6 +80,9 @@ def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
             for st in (3, 4):
                 out.append(dict(SWAP=swap, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps,
                                 num_stages=st))
+        for bm, bn, warps, per_sm in ((128, 128, 8, 1), (128, 64, 4, 2), (128, 128, 8, 2)):  # persistent
+            out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=1, GROUP_M=8, num_warps=warps, num_stages=4,
+                            PERSIST=per_sm))
     return out
 
 
@@ -184,14 +189,38 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
+    PERSIST: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
     order afterwards, so results are deterministic). EPI > 0 (gated activation): rows 2i and 2i + 1 of w
     are gate and up channel i, scaled by inv_mult and inv_mult2, and out is (M, N/2) = act(gate) * up.
     HAS_RES: out += r (M, out columns)."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    if PERSIST > 0:  # persistent: PERSIST programs walk the output tiles (SPLIT_K == 1)
+        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in range(tl.program_id(0), num_tiles, PERSIST):
+            _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K,
+                inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, GROUP, PER_CHANNEL,
+                HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16, FUSED_SPLITK, HALF, ASM,
+                EPI, HAS_RES)
+    else:
+        _gemm_tile(tl.program_id(0), tl.program_id(1), x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
+            cnt_ptr, r_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
+            GROUP, PER_CHANNEL, HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16,
+            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES)
+
+
+@triton.jit
+def _gemm_tile(
+    pid, pid_k, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
+    M, N, K, inv_mult, inv_mult2,
+    stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
+    FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
+):
+    """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     width = GROUP_M * num_n
@@ -480,6 +509,16 @@ def _w4a8_gemv_kernel(
 
 
 _COUNTERS: dict = {}
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once; 4 elsewhere, for the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -575,7 +614,10 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     if m == 0:
         return torch.empty((0, n_out), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
-    grid = (tiles, split)
+    persist = 0
+    if cfg.get("PERSIST") and split == 1:  # persistent: PERSIST programs an SM walk the tiles
+        persist = min(tiles, cfg["PERSIST"] * _sm_count(xq.device))
+    grid = (persist or tiles, split)
     part = torch.empty((split, m, n), dtype=torch.float32, device=xq.device) if fused else out
     cnt = _tile_counters(xq.device, tiles) if fused else out
     xs = x_scale.reshape(-1).float().contiguous()
@@ -589,7 +631,8 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
-        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
 

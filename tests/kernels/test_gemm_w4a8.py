@@ -61,6 +61,8 @@ CASES = [
     (1, 48, 256, 64, dict(GEMV=True, BN=16, BK=32, SPLIT_K=4, num_warps=4, num_stages=2)),
     (1, 40, 640, 128, dict(GEMV=True, BN=8, BK=512, SPLIT_K=2, num_warps=4, num_stages=2)),
     (5, 48, 384, 64, dict(_cfg(True, 3, 64), FUSED=False)),  # split-K partials summed outside
+    (70, 100, 256, 128, dict(_cfg(True, 1, 128), PERSIST=1)),  # persistent: more tiles than programs
+    (45, 64, 192, 64, dict(_cfg(False, 1, 64), PERSIST=1)),
 ]
 
 
@@ -133,6 +135,7 @@ HALF_CASES = [
     (20, 64, 256, 64, 64, dict(_cfg(False, 1, 64), SCALES="bf16")),
     (19, 64, 640, 128, 128, _cfg(False, 1, 128)),
     (5, 64, 576, 64, 64, _cfg(True, 2, 64)),
+    (70, 128, 384, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),
 ]
 
 
@@ -167,6 +170,7 @@ EPI_CASES = [
     (5, 48, 384, 64, 64, dict(_cfg(True, 3, 64), FUSED=False)),  # (forced in-kernel: the gate needs the sum)
     (20, 36, 192, 32, 0, _cfg(False, 1, 32)),  # plain schedule, checkpoint layout
     (19, 64, 256, -1, 64, _cfg(False, 1, 64)),  # per-channel
+    (40, 80, 256, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),  # persistent
 ]
 
 
