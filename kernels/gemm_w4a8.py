@@ -351,6 +351,7 @@ def _gemm_tile(
         else:
             p_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + p_off, acc, mask=msk)
+        tl.debug_barrier()  # every thread's partial stores come before the count
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.load(part_ptr + p_off, mask=msk, other=0.0, volatile=True)
@@ -498,6 +499,7 @@ def _w4a8_gemv_kernel(
                        stride_wsn, BN, PER_CHANNEL, HAS_BIAS, EPI, HAS_RES)
     else:
         tl.store(part_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()  # every thread's partial stores come before the count
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.load(part_ptr + offs_n, mask=mask_n, other=0.0, volatile=True)
