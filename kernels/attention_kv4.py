@@ -80,16 +80,16 @@ def _block_ranges(pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP: tl.c
 @triton.jit
 def _attn_fwd(
     q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
-    out_ptr, lse_ptr, lq_ptr, lk_ptr, fout_ptr, cnt_ptr,
+    out_ptr, lse_ptr, lq_ptr, lk_ptr,
     Lq, Lk, sm_scale, window,
     s_qb, s_qh, s_ql, s_qsb, s_qsh,
     s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl,
     s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
-    s_ob, s_oh, s_ol, s_os, s_fb, s_fh, s_fl,
+    s_ob, s_oh, s_ol, s_os,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+    EXACT_ROUND: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -272,53 +272,6 @@ def _attn_fwd(
     if SPLITS > 1:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS + split, lse, mask=in_mem)
-        if FUSED_COMBINE:
-            # the last split of this block to finish combines all splits' partials (no second launch)
-            cidx = bh * tl.num_programs(0) + pid_m
-            tl.debug_barrier()  # every thread's partial stores come before the count
-            arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
-                _combine_rows(out_ptr, lse_ptr, fout_ptr, b, hq, qpos, in_mem, cha, Lq, s_ob, s_oh, s_ol, s_os,
-                              s_fb, s_fh, s_fl, HQ, D, G, BM, SPLITS)
-                tl.atomic_xchg(cnt_ptr + cidx, 0)
-
-
-@triton.jit
-def _combine_rows(part_ptr, lse_ptr, out_ptr, b, hq, qpos, in_mem, cha, Lq, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh,
-                  s_ol, HQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, SPLITS: tl.constexpr):
-    """out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max) for a block's rows (partials in the
-    nibble-column order of the main kernel: columns cha and cha + G/2)."""
-    lrow = lse_ptr + ((b * HQ + hq) * Lq + qpos) * SPLITS
-    m = tl.full((BM,), float("-inf"), dtype=tl.float32)
-    for sp in range(SPLITS):
-        m = tl.maximum(m, tl.load(lrow + sp, mask=in_mem, other=float("-inf"), volatile=True))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    wsum = tl.zeros((BM,), dtype=tl.float32)
-    oa = tl.zeros((BM, D // 2), dtype=tl.float32)
-    ob = tl.zeros((BM, D // 2), dtype=tl.float32)
-    pbase = part_ptr + b * s_pb + hq[:, None] * s_ph + qpos[:, None] * s_pl + cha[None, :]
-    for sp in range(SPLITS):
-        w = tl.exp2(tl.load(lrow + sp, mask=in_mem, other=float("-inf"), volatile=True) - m)
-        wsum += w
-        oa += w[:, None] * tl.load(pbase + sp * s_ps, mask=in_mem[:, None], other=0.0, volatile=True)
-        ob += w[:, None] * tl.load(pbase + sp * s_ps + G // 2, mask=in_mem[:, None], other=0.0, volatile=True)
-    inv = 1.0 / tl.maximum(wsum, 1e-30)
-    optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + cha[None, :]
-    tl.store(optr, (oa * inv[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
-    tl.store(optr + G // 2, (ob * inv[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
-
-
-_COUNTERS: dict = {}
-
-
-def _block_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (query block, batch x KV head) of a split launch; every launch leaves
-    them zeroed."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
 
 
 @triton.jit
@@ -350,8 +303,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
                          block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
                          num_stages: int = 3, seqlens_q: torch.Tensor | None = None,
-                         seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False,
-                         fused_combine: bool = True) -> torch.Tensor:
+                         seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -414,34 +366,34 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         seqlens_k = seqlens_k.to(device=q8.device, dtype=torch.int32).contiguous()
     q_scale = q_scale.float().contiguous()
     dev = q8.device
-    out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
-    grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
     if splits > 1:
         part = torch.empty((bsz, hq, lq, splits, d), dtype=torch.float32, device=dev)
         lse = torch.empty((bsz, hq, lq, splits), dtype=torch.float32, device=dev)
         o, so = part, (part.stride(0), part.stride(1), part.stride(2), part.stride(3))
-        cnt = _block_counters(dev, grid[0] * grid[1])
     else:
-        lse = cnt = out
+        out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
+        lse = out
         o, so = out, (out.stride(0), out.stride(1), out.stride(2), 0)
     kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
     dummy = q_scale
+    grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
     _attn_fwd[grid](
         q8, q_scale, k, k_scale, k_zero if not sym else dummy, v, v_scale, v_zero if not sym else dummy,
         q_bias if has_bias else dummy, k_bias if has_bias else dummy, o, lse,
-        seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy, out, cnt,
+        seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
         lq, lk, sm_scale, window,
         q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
         k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))
                                                               if has_bias else (0, 0, 0)),
-        *so, out.stride(0), out.stride(1), out.stride(2),
+        *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
         HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda,
-        FUSED_COMBINE=fused_combine, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    if splits == 1 or fused_combine:
+    if splits == 1:
         return out
+    out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
     _combine[(bsz * hq * lq,)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
                                out.stride(0), out.stride(1), out.stride(2), lq, HQ=hq, D=d, SPLITS=splits,
                                SP2=triton.next_power_of_2(splits))

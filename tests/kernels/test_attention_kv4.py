@@ -186,23 +186,6 @@ def test_ragged_batch(lq, lk, causal, window, splits):
     assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
 
 
-@pytest.mark.parametrize("lq,splits", [(1, 3), (2, 4)])
-def test_split_combine_in_kernel(lq, splits):
-    """The last split of a block combines the partials in the kernel: equal to the separate combine kernel,
-    and the counters are left zeroed (two calls in a row agree)."""
-    d = 64 if GPU else 32
-    spec = KVSpec(symmetric=False)
-    q8, qs, qk, qv, _, _ = _case(2, 8, 2, lq, 70, d, spec, seed=lq + 30)
-    args = dict(causal=True, k_zero=qk.zeros.to(DEV), v_zero=qv.zeros.to(DEV), out_dtype=torch.float32,
-                splits=splits, block_m=16, block_n=16 if not GPU else 64)
-    ops = (q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV), qv.packed.to(DEV),
-           qv.scales.to(DEV), 1 / math.sqrt(d))
-    a = kv4_attention_triton(*ops, fused_combine=True, **args)
-    b = kv4_attention_triton(*ops, fused_combine=False, **args)
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert torch.equal(kv4_attention_triton(*ops, fused_combine=True, **args), a)
-
-
 @pytest.mark.parametrize("lq,splits", [(1, 2), (5, 1)])
 def test_strided_cache_views(lq, splits):
     """The INT4 cache hands the kernel views of larger preallocated buffers (dim 2 sliced): the result
