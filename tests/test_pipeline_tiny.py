@@ -138,3 +138,30 @@ def test_incremental_decode_matches_full_forward(checkpoints, arch):
     inc = torch.cat(steps, dim=1)
     assert cache.layers[0]._buf[0].packed.shape[2] >= 24 and cache.get_seq_length() == 24
     torch.testing.assert_close(inc, full, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_static_cache_matches_growing_cache(checkpoints, arch):
+    """The static INT4 cache (buffers of max_len tokens, device-side write position: what CUDA-graph decoding
+    uses) computes what the growing cache computes, step by step; reset() rewinds it in place."""
+    m = fireq.load(checkpoints[arch, "default"])
+    x = torch.randint(0, 1000, (2, 14), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for cache in (make_cache(m), make_cache(m, max_len=20)):
+        with torch.no_grad():
+            steps = [m(x[:, :6], past_key_values=cache, use_cache=True).logits]
+            for t in range(6, 14):
+                steps.append(m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        outs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+    layer = cache.layers[0]
+    assert layer._buf[0].packed.shape[2] == 20 and int(layer._len_dev) == 14 == cache.get_seq_length()
+    ptr = layer._buf[0].packed.data_ptr()
+    cache.reset()
+    with torch.no_grad():
+        again = m(x[:, :6], past_key_values=cache, use_cache=True).logits
+    assert layer._buf[0].packed.data_ptr() == ptr and int(layer._len_dev) == 6
+    torch.testing.assert_close(again, outs[0][:, :6], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="static INT4 cache holds 20"):
+        with torch.no_grad():
+            m(torch.zeros(2, 15, dtype=torch.long), past_key_values=cache, use_cache=True)

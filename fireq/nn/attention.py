@@ -23,6 +23,7 @@ from ..formats.kv import KVSpec, QuantizedKV, dequantize_kv, quantize_kv
 
 ATTN_IMPL = "fireq"
 _PACKED = "_fireq_packed"  # attribute of the INT4 cache's placeholder keys: (packed K, packed V)
+_LENS = "_fireq_lens"  # static cache: (valid length, device () int64; the same on the host) of the buffers
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         packed = getattr(key, _PACKED, None)
         if packed is not None:  # the INT4 cache handed over its codes: dequantize them here, on this path only
             qk, qv = packed
+            lens = getattr(key, _LENS, None)
+            if lens is not None:  # static buffers: the valid tokens (eager use: the host length is current)
+                qk, qv = (QuantizedKV(t.packed[:, :, :lens[1]], t.scales[:, :, :lens[1]],
+                                      None if t.zeros is None else t.zeros[:, :, :lens[1]]) for t in (qk, qv))
             key = dequantize_kv(qk, key.shape[-1], aq.kv, key.dtype)
             value = dequantize_kv(qv, value.shape[-1], aq.kv, value.dtype)
         else:
@@ -81,8 +86,11 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
 def _kernel_ok(module, query, key, attention_mask, aq: AttentionQuant, kwargs) -> bool:
     """The Triton kernel serves CUDA FP8 GPUs when the mask is plain causal (no padding: transformers
-    passes None then) and K/V are INT4 with >= 32-channel groups; anything else takes the reference path."""
-    if not query.is_cuda or attention_mask is not None or aq.kv.bits != 4 or not aq.query_fp8:
+    passes None then) and K/V are INT4 with >= 32-channel groups; anything else takes the reference path.
+    The static cache's sequences are unpadded by contract (fireq.nn.graphs): whatever causal or sliding
+    mask transformers builds for it, the kernel applies from the device-side lengths."""
+    static = getattr(key, _LENS, None) is not None
+    if not query.is_cuda or (attention_mask is not None and not static) or aq.kv.bits != 4 or not aq.query_fp8:
         return False
     if kwargs.get("softcap") is not None or query.shape[-1] % 32 or aq.kv.group(query.shape[-1]) < 32:
         return False
@@ -136,6 +144,15 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = getattr(module, "is_causal", True)
+    lens = getattr(key, _LENS, None)
+    if lens is not None:  # static cache: whole buffers, valid lengths on the device
+        bsz, lq = query.shape[0], query.shape[2]
+        lens_k = lens[0].to(torch.int32).expand(bsz).contiguous()
+        lens_q = torch.full((bsz,), lq, dtype=torch.int32, device=query.device)
+        out = kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale,
+                                   causal=causal, window=int(window), k_zero=qk.zeros, v_zero=qv.zeros,
+                                   out_dtype=query.dtype, seqlens_q=lens_q, seqlens_k=lens_k)
+        return out.transpose(1, 2).contiguous(), None
     if torch.compiler.is_compiling():
         from fireq_kernels.ops import kv4_attention_op
 
@@ -179,11 +196,16 @@ def _make_layer_class():
         is_croppable = False
         GROW = 16  # capacity granularity (tokens)
 
-        def __init__(self, attn: nn.Module):
+        def __init__(self, attn: nn.Module, max_len: int | None = None):
             super().__init__()
             self.attn = attn
             self.cumulative_length = 0
             self._buf: tuple[QuantizedKV, QuantizedKV] | None = None
+            # static mode (max_len): buffers of max_len tokens allocated once, the write position kept on
+            # the device, attention over the whole buffers with device-side lengths: a step has fixed
+            # shapes and no host state, so it can be captured in a CUDA graph
+            self.max_len = max_len
+            self._len_dev: torch.Tensor | None = None
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
@@ -204,13 +226,12 @@ def _make_layer_class():
         def qv(self) -> QuantizedKV | None:
             return None if self._buf is None else self._view(self._buf[1], self.cumulative_length)
 
-        def _reserve(self, new: QuantizedKV, need: int) -> None:
+        def _reserve(self, new: QuantizedKV, need: int, exact: bool = False) -> None:
             """Make room for `need` tokens (copying what is there into doubled buffers when full)."""
             cap = 0 if self._buf is None else self._buf[0].packed.shape[2]
             if need <= cap:
                 return
-            cap = max(need, 2 * cap)
-            cap = -(-cap // self.GROW) * self.GROW
+            cap = need if exact else -(-max(need, 2 * cap) // self.GROW) * self.GROW
 
             def alloc(t):
                 return None if t is None else t.new_empty((*t.shape[:2], cap, t.shape[3]))
@@ -223,12 +244,38 @@ def _make_layer_class():
                 bufs.append(b)
             self._buf = (bufs[0], bufs[1])
 
+        def _update_static(self, new_k: QuantizedKV, new_v: QuantizedKV, key_states, value_states):
+            n = key_states.shape[-2]
+            if self._buf is None:
+                self._reserve(new_k, self.max_len, exact=True)
+                self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
+            if self.cumulative_length + n > self.max_len:
+                raise ValueError(f"fireq: the static INT4 cache holds {self.max_len} tokens; "
+                                 f"{self.cumulative_length + n} needed")
+            pos = torch.arange(n, device=key_states.device) + self._len_dev
+            for buf, new in zip(self._buf, (new_k, new_v)):
+                for dst, src in ((buf.packed, new.packed), (buf.scales, new.scales), (buf.zeros, new.zeros)):
+                    if src is not None:  # (FP8 scales as bytes: index_copy_ has no FP8 kernels)
+                        bytes_ = src.dtype.itemsize == 1
+                        (dst.view(torch.uint8) if bytes_ else dst).index_copy_(
+                            2, pos, src.view(torch.uint8) if bytes_ else src)
+            self._len_dev.add_(n)
+            self.cumulative_length += n  # host mirror (eager use; a replayed graph does not update it)
+            b, h, _, d = key_states.shape
+            k = key_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
+            v = value_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
+            setattr(k, _PACKED, (self._buf[0], self._buf[1]))
+            setattr(k, _LENS, (self._len_dev, self.cumulative_length))
+            return k, v
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             spec = self.attn.fireq_attn.kv
             new_k = _quantize_kv(_scale_keys(self.attn, key_states), spec)
             new_v = _quantize_kv(value_states, spec)
+            if self.max_len is not None:
+                return self._update_static(new_k, new_v, key_states, value_states)
             n0, n = self.cumulative_length, key_states.shape[-2]
             self._reserve(new_k, n0 + n)
             for buf, new in zip(self._buf, (new_k, new_v)):
@@ -245,6 +292,10 @@ def _make_layer_class():
             return self.cumulative_length
 
         def reset(self) -> None:
+            if self.max_len is not None and self._len_dev is not None:  # static: keep the buffers' addresses
+                self._len_dev.zero_()
+                self.cumulative_length = 0
+                return
             self._buf = None
             self.cumulative_length = 0
             self.is_initialized = False
@@ -266,11 +317,15 @@ def _make_layer_class():
     return FireqKVLayer
 
 
-def make_cache(model: nn.Module):
-    """A transformers Cache whose layers store K and V as packed INT4 (fireq's format)."""
+def make_cache(model: nn.Module, max_len: int | None = None):
+    """A transformers Cache whose layers store K and V as packed INT4 (fireq's format).
+
+    max_len: a static cache of max_len tokens a sequence (buffers allocated at the first update, write
+    position on the device, fixed shapes: decode steps can be captured in CUDA graphs, see
+    fireq.nn.graphs). Without it the buffers grow as needed."""
     from transformers.cache_utils import Cache
 
     from ..models.registry import decoder_layers
 
     layer_cls = _make_layer_class()
-    return Cache(layers=[layer_cls(layer.self_attn) for layer in decoder_layers(model)])
+    return Cache(layers=[layer_cls(layer.self_attn, max_len) for layer in decoder_layers(model)])
