@@ -16,6 +16,7 @@ depend on the values; accuracy is measured on real models elsewhere (benchmarks/
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import os
 import statistics
@@ -64,6 +65,35 @@ def to_fireq(model, group: int = 128) -> None:
     torch.cuda.empty_cache()
 
 
+def run_each_batch(args) -> None:
+    """One process a batch size (each builds the model afresh: nothing of one measurement's memory stays
+    for the next), rows merged into one JSON."""
+    import json
+    import subprocess
+    import tempfile
+
+    rows, meta = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in args.batches.split(","):
+            part = os.path.join(tmp, f"b{b}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--json", part, "--layers", str(args.layers),
+                   "--batches", b, "--prompt", str(args.prompt), "--steps", str(args.steps), "--one"]
+            r = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+            if r.returncode:  # e.g. out of memory: recorded, the other batch sizes still run
+                err = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
+                print(f"B={b} failed: {err}", flush=True)
+                rows.append(dict(B=int(b), error=err))
+                continue
+            meta = json.loads(open(part).read())
+            rows += meta["rows"]
+    if meta is None:
+        raise SystemExit("every batch size failed")
+    meta["rows"] = rows
+    print(table(rows, ["B", "bf16_ms", "fireq_ms", "speedup", "bf16_tok_s", "fireq_tok_s", "bf16_eager_ms",
+                       "fireq_eager_ms", "fireq_graph_equals_eager"]))
+    write_json(args.json, meta)
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -75,7 +105,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--one", action="store_true", help="(internal) this process measures one batch size")
     args = ap.parse_args()
+    if not args.one and "," in args.batches:
+        return run_each_batch(args)
     env = env_info()
     import transformers
 
@@ -87,6 +120,7 @@ def main() -> None:
                       rope_theta=500000.0, tie_word_embeddings=False)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    print(f"bf16 model: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     max_len = args.prompt + args.steps + 8
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt), device=dev) for b in batches}
@@ -110,8 +144,10 @@ def main() -> None:
             same = all(torch.equal(a, e) for a, e in zip(first, eager_tokens))
             eager_ms = time_steps(dec._step, 8)
             res[(tag, b)] = dict(graph_ms=graph_ms, eager_ms=eager_ms, prefill_ms=prefill_ms, graph_equals_eager=same)
-            print(tag, b, res[(tag, b)], flush=True)
+            print(tag, b, res[(tag, b)], f"memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+            dec.graph = dec.cache = None
             del dec
+            gc.collect()
             torch.cuda.empty_cache()
 
     # ---- BF16 baseline: transformers' StaticCache
@@ -125,7 +161,10 @@ def main() -> None:
 
     run("bf16", static_cache)
     # ---- fireq: the same model quantized in place
+    gc.collect()
+    torch.cuda.empty_cache()
     to_fireq(model)
+    print(f"quantized: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     from fireq.nn.attention import make_cache
 
     run("fireq", lambda b: make_cache(model, max_len))

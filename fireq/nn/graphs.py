@@ -37,9 +37,14 @@ class GraphDecoder:
         self.ids = torch.zeros((batch_size, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((batch_size, 1), dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
+        import inspect
+
+        # only the last position's logits (a prompt's full logits can take gigabytes)
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, **self._keep)
+        return out.logits[:, -1]
 
     def _step(self) -> None:
         self.ids.copy_(self._forward(self.ids, self.pos).argmax(-1, keepdim=True))
