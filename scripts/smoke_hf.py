@@ -76,8 +76,8 @@ def main() -> None:
             # kernel) against one forward over the whole sequence
             from fireq.nn.attention import make_cache
 
-            def incremental_vs_full(m):
-                cache = make_cache(m)
+            def incremental_vs_full(m, max_len=None):
+                cache = make_cache(m, max_len)
                 xs = x.to(args.device)
                 with torch.no_grad():
                     full = m(xs, use_cache=False).logits.float()
@@ -99,6 +99,18 @@ def main() -> None:
             # round differently (FP8 MMAs, split-KV) and flips are everywhere: there the two must agree
             # at least as well as the device's float32 model agrees with the CPU reference
             assert med32 < 1e-3 or rel_inc32 <= rel32, (med32, rel_inc32, rel32)
+            # the static cache (whole buffers, device-side lengths: what CUDA-graph decoding uses)
+            m32 = fireq.load(out, device=args.device, dtype=torch.float32)
+            rel_st32, med_st32, buf = incremental_vs_full(m32, max_len=40)
+            print(f"  static INT4 cache: incremental vs full rel err {rel_st32:.2e} (float32; median position "
+                  f"{med_st32:.1e}) (cache buffers {buf})")
+            assert med_st32 < 1e-3 or rel_st32 <= rel32, (med_st32, rel_st32, rel32)
+            if args.device == "cuda":
+                from fireq.nn.graphs import GraphDecoder
+
+                g = GraphDecoder(m1, 1, 40).generate(x[:1].to(args.device), 6)
+                print(f"  GraphDecoder (CUDA graphs) greedy tokens == generate(): {torch.equal(g, gen)}")
+                assert g.shape == gen.shape
     print("smoke ok")
 
 
