@@ -14,7 +14,7 @@ from fireq.formats.int4 import expand_group_scales as group_scales_ref  # noqa: 
 from fireq.formats.int4 import unpack_int4 as unpack_int4_ref  # noqa: E402
 
 __all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8_gemm_ref", "w4a8_linear_ref",
-           "kv4_attention_ref"]
+           "kv4_attention_ref", "rmsnorm_ref"]
 
 
 def w4a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
@@ -125,3 +125,14 @@ def _pv_fp8(s: torch.Tensor, vv: torch.Tensor, vs: torch.Tensor) -> torch.Tensor
     codes = torch.where(vs[..., None] > 0, vv / vs[..., None].clamp_min(1e-30), torch.zeros_like(vv)).round()
     out = (pv @ codes) * (c / PV_RANGE)[..., None]
     return out / torch.where(l == 0, torch.ones_like(l), l)
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:
+    """RMSNorm as transformers computes it. x: (..., D); weight: (D,). Llama family: the normalized x is
+    rounded to x's dtype before the weight multiplies it; Gemma (plus_one): x * rsqrt(.) * (1 + w) in
+    fp32, rounded to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if plus_one:
+        return (y * (1.0 + weight.float())).type_as(x)
+    return weight * y.to(x.dtype)

@@ -5,8 +5,8 @@
 Both sides decode with every step one CUDA-graph replay (fireq.nn.graphs.GraphDecoder):
 - bf16: the transformers model in BF16 with SDPA attention over transformers' StaticCache;
 - fireq: the same model with every decoder linear swapped for a QuantLinear (INT4 g128 RTN weights, FP8
-  activations; gate/up fused with SiLU-and-mul by QuantGatedMLP) and the INT4 KV cache (the default
-  recipe's format: asymmetric, per token per head), the Triton kernels throughout.
+  activations; gate/up fused with SiLU-and-mul by QuantGatedMLP), the one-kernel RMSNorm (FastRMSNorm) and
+  the INT4 KV cache (the default recipe's format: asymmetric, per token per head): what fireq.load builds.
 Per batch size: a random prompt is prefilled, then decode steps are timed with CUDA events (median of
 per-token times over the steps). Eager decode (no graph) is timed too. The first generated tokens of the
 graph and the eager path are compared (same kernels: identical). Weights are random: speed does not
@@ -50,6 +50,7 @@ def to_fireq(model, group: int = 128) -> None:
     from fireq.nn import attention
     from fireq.nn.linear import QuantLinear
     from fireq.nn.mlp import fuse_gated_mlps
+    from fireq.nn.norm import swap_rms_norms
     from fireq.pipeline import set_attention_impl
 
     for layer in decoder_layers(model):
@@ -61,6 +62,7 @@ def to_fireq(model, group: int = 128) -> None:
             del lin
         attention.attach(layer.self_attn, attention.AttentionQuant(KVSpec(symmetric=False), True))
     fuse_gated_mlps(model)
+    swap_rms_norms(model)
     set_attention_impl(model)
     torch.cuda.empty_cache()
 
