@@ -303,7 +303,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
                          block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
                          num_stages: int = 3, seqlens_q: torch.Tensor | None = None,
-                         seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False) -> torch.Tensor:
+                         seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -316,7 +317,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     grid has about two waves (at most 32 splits).
 
     pv_fp8: P.V as an FP8 MMA (needs one scale a token; slower on the H100 with this cache layout, see
-    the module docstring)."""
+    the module docstring). out: where to write (B, Hq, Lq, D) in out_dtype, any strides with the last dim
+    contiguous (e.g. a transposed view of a (B, Lq, Hq, D) buffer); returned."""
     bsz, hq, lq, d = q8.shape
     _, hkv, lk, dh = k.shape
     if q8.dtype != torch.float8_e4m3fn or k.dtype != torch.uint8 or v.dtype != torch.uint8:
@@ -366,12 +368,17 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         seqlens_k = seqlens_k.to(device=q8.device, dtype=torch.int32).contiguous()
     q_scale = q_scale.float().contiguous()
     dev = q8.device
+    if out is not None:
+        if out.shape != (bsz, hq, lq, d) or out.dtype != out_dtype or out.stride(-1) != 1 or out.device != dev:
+            raise ValueError(f"kv4_attention_triton: out must be ({bsz}, {hq}, {lq}, {d}) {out_dtype} on the "
+                             "device with a contiguous last dim")
     if splits > 1:
         part = torch.empty((bsz, hq, lq, splits, d), dtype=torch.float32, device=dev)
         lse = torch.empty((bsz, hq, lq, splits), dtype=torch.float32, device=dev)
         o, so = part, (part.stride(0), part.stride(1), part.stride(2), part.stride(3))
     else:
-        out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
+        if out is None:
+            out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
         lse = out
         o, so = out, (out.stride(0), out.stride(1), out.stride(2), 0)
     kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
@@ -393,7 +400,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     )
     if splits == 1:
         return out
-    out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
+    if out is None:
+        out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
     _combine[(bsz * hq * lq,)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
                                out.stride(0), out.stride(1), out.stride(2), lq, HQ=hq, D=d, SPLITS=splits,
                                SP2=triton.next_power_of_2(splits))

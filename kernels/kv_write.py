@@ -33,15 +33,22 @@ def _round_to_bf16_grid(y):
 
 
 @triton.jit
-def _kv_write_kernel(x_ptr, q_ptr, s_ptr, z_ptr, R, stride_x, D: tl.constexpr, G: tl.constexpr,
-                     BR: tl.constexpr, SYM: tl.constexpr, FP8_SCALE: tl.constexpr, EXACT_ROUND: tl.constexpr):
+def _kv_write_kernel(x_ptr, q_ptr, s_ptr, z_ptr, pos_ptr, R, stride_x, NT, CAP, D: tl.constexpr, G: tl.constexpr,
+                     BR: tl.constexpr, SYM: tl.constexpr, FP8_SCALE: tl.constexpr, EXACT_ROUND: tl.constexpr,
+                     SCATTER: tl.constexpr):
     """Per group: its two halves are loaded as two (BR, G/2) tiles, which are exactly the low and high
-    nibbles of the group's G/2 output bytes (no reshapes or register shuffles)."""
+    nibbles of the group's G/2 output bytes (no reshapes or register shuffles).
+    SCATTER: x's rows are (B, H, NT) tokens written into cache buffers (B, H, CAP, .) at token positions
+    pos.. (pos: a device int64 scalar); else row r goes to output row r."""
     NG: tl.constexpr = D // G
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     ok = rows < R
     offs = tl.arange(0, G // 2)
     xrow = x_ptr + rows[:, None].to(tl.int64) * stride_x
+    if SCATTER:
+        drow = (rows // NT).to(tl.int64) * CAP + tl.load(pos_ptr) + rows % NT
+    else:
+        drow = rows.to(tl.int64)
     for gi in tl.static_range(NG):
         xa = tl.load(xrow + gi * G + offs[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         xb = tl.load(xrow + gi * G + G // 2 + offs[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
@@ -73,11 +80,11 @@ def _kv_write_kernel(x_ptr, q_ptr, s_ptr, z_ptr, R, stride_x, D: tl.constexpr, G
             z = tl.where(pos, tl.minimum(tl.maximum(_rne(tl.math.div_rn(-lo, safe)), 0.0), 15.0), 0.0)
             qa = tl.where(pos[:, None], tl.minimum(tl.maximum(qa + z[:, None], 0.0), 15.0), z[:, None])
             qb = tl.where(pos[:, None], tl.minimum(tl.maximum(qb + z[:, None], 0.0), 15.0), z[:, None])
-            tl.store(z_ptr + rows.to(tl.int64) * NG + gi, z.to(tl.uint8), mask=ok)
+            tl.store(z_ptr + drow * NG + gi, z.to(tl.uint8), mask=ok)
         byte = (qa.to(tl.int32) & 0xF) | ((qb.to(tl.int32) & 0xF) << 4)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * (D // 2) + gi * (G // 2) + offs[None, :], byte.to(tl.uint8),
+        tl.store(q_ptr + drow[:, None] * (D // 2) + gi * (G // 2) + offs[None, :], byte.to(tl.uint8),
                  mask=ok[:, None])
-        tl.store(s_ptr + rows.to(tl.int64) * NG + gi, s_st, mask=ok)
+        tl.store(s_ptr + drow * NG + gi, s_st, mask=ok)
 
 
 def quantize_kv_triton(x: torch.Tensor, spec):
@@ -100,6 +107,33 @@ def quantize_kv_triton(x: torch.Tensor, spec):
     if r:
         br = max(1, min(64, 4096 // d))
         _kv_write_kernel[(triton.cdiv(r, br),)](
-            x2, packed, scales, zeros if zeros is not None else packed, r, x2.stride(0), D=d, G=g, BR=br,
-            SYM=spec.symmetric, FP8_SCALE=spec.scale_dtype == "fp8", EXACT_ROUND=_interpreting(), num_warps=4)
+            x2, packed, scales, zeros if zeros is not None else packed, x2, r, x2.stride(0), 1, 1, D=d, G=g, BR=br,
+            SYM=spec.symmetric, FP8_SCALE=spec.scale_dtype == "fp8", EXACT_ROUND=_interpreting(), SCATTER=False,
+            num_warps=4)
     return QuantizedKV(packed, scales, zeros)
+
+
+def write_kv_triton(x: torch.Tensor, spec, dst, pos: torch.Tensor) -> None:
+    """Quantize x (B, H, n, D) and write it into the cache buffers dst (QuantizedKV of contiguous (B, H, CAP,
+    .) tensors) at token positions pos .. pos + n - 1 (pos: a device int64 scalar tensor), in one launch.
+    The same codes and scales as quantize_kv_triton(x) (and quantize_kv)."""
+    b, h, n, d = x.shape
+    g = spec.group(d)
+    if d % g or d & (d - 1) or g & (g - 1):
+        raise ValueError(f"write_kv_triton: power-of-two head_dim and group needed, got {d} and {g}")
+    cap = dst.packed.shape[2]
+    for t in (dst.packed, dst.scales) + (() if dst.zeros is None else (dst.zeros,)):
+        if t.shape[:3] != (b, h, cap) or not t.is_contiguous():
+            raise ValueError("write_kv_triton: cache buffers must be contiguous (B, H, CAP, .) matching x")
+    if (dst.zeros is None) != spec.symmetric:
+        raise ValueError("write_kv_triton: zero points present exactly when the format is asymmetric")
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r = x2.shape[0]
+    if r:
+        br = max(1, min(64, 4096 // d))
+        _kv_write_kernel[(triton.cdiv(r, br),)](
+            x2, dst.packed, dst.scales, dst.zeros if dst.zeros is not None else dst.packed, pos, r, x2.stride(0), n,
+            cap, D=d, G=g, BR=br, SYM=spec.symmetric, FP8_SCALE=spec.scale_dtype == "fp8",
+            EXACT_ROUND=_interpreting(), SCATTER=True, num_warps=4)

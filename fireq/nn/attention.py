@@ -102,19 +102,19 @@ def _kernel_ok(module, query, key, attention_mask, aq: AttentionQuant, kwargs) -
 _KV_WRITE_OK: dict = {}
 
 
-def _quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
-    """The cache write: one Triton kernel on an FP8 GPU, else PyTorch. The kernel is meant to be
-    bit-identical to quantize_kv; its first use per (device, spec) checks that on the data at hand and
-    falls back to PyTorch, with a warning, if it is not."""
+def _triton_kv_write_ok(x: torch.Tensor, spec: KVSpec) -> bool:
+    """Whether the Triton cache write serves x. The kernel is meant to be bit-identical to quantize_kv;
+    its first use per (device, spec) checks that on the data at hand and, if it is not, fireq falls back
+    to PyTorch with a warning."""
     from fireq_kernels.ops import triton_fp8_capable
 
     d, g = x.shape[-1], spec.group(x.shape[-1])
     if not (triton_fp8_capable(x.device) and not d & (d - 1) and not g & (g - 1)):
-        return quantize_kv(x, spec)
-    from fireq_kernels.kv_write import quantize_kv_triton
-
+        return False
     key = (x.device, spec, d)
     if key not in _KV_WRITE_OK:
+        from fireq_kernels.kv_write import quantize_kv_triton
+
         got, ref = quantize_kv_triton(x, spec), quantize_kv(x, spec)
         same = torch.equal(got.packed, ref.packed) and torch.equal(got.scales.float(), ref.scales.float()) and (
             got.zeros is None or torch.equal(got.zeros, ref.zeros))
@@ -124,8 +124,16 @@ def _quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
 
             warnings.warn("fireq: the Triton KV cache write differs from the format's quantizer on this GPU; "
                           "using the PyTorch one")
-        return ref
-    return quantize_kv_triton(x, spec) if _KV_WRITE_OK[key] else quantize_kv(x, spec)
+    return _KV_WRITE_OK[key]
+
+
+def _quantize_kv(x: torch.Tensor, spec: KVSpec) -> QuantizedKV:
+    """The cache write: one Triton kernel on an FP8 GPU (_triton_kv_write_ok), else PyTorch."""
+    if _triton_kv_write_ok(x, spec):
+        from fireq_kernels.kv_write import quantize_kv_triton
+
+        return quantize_kv_triton(x, spec)
+    return quantize_kv(x, spec)
 
 
 def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwargs):
@@ -140,19 +148,27 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
     else:
         qk, qv = packed
     q = _unscale_queries(module, query)
-    q8, qs = quantize_fp8_rows(q)
+    if q.is_cuda:  # one Triton launch (the PyTorch quantizer is several), same values
+        from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
+
+        q8, qs = quantize_fp8_rows_triton(q.reshape(-1, q.shape[-1]))
+        q8, qs = q8.view(q.shape), qs.view(*q.shape[:-1], 1)
+    else:
+        q8, qs = quantize_fp8_rows(q)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = getattr(module, "is_causal", True)
     lens = getattr(key, _LENS, None)
     if lens is not None:  # static cache: whole buffers, valid lengths on the device
-        bsz, lq = query.shape[0], query.shape[2]
+        bsz, hq, lq, d = query.shape
         lens_k = lens[0].to(torch.int32).expand(bsz).contiguous()
         lens_q = torch.full((bsz,), lq, dtype=torch.int32, device=query.device)
-        out = kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale,
-                                   causal=causal, window=int(window), k_zero=qk.zeros, v_zero=qv.zeros,
-                                   out_dtype=query.dtype, seqlens_q=lens_q, seqlens_k=lens_k)
-        return out.transpose(1, 2).contiguous(), None
+        # written straight into the (B, Lq, Hq, D) layout the model wants next: no transpose copy
+        out = torch.empty((bsz, lq, hq, d), dtype=query.dtype, device=query.device)
+        kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale, causal=causal,
+                             window=int(window), k_zero=qk.zeros, v_zero=qv.zeros, out_dtype=query.dtype,
+                             seqlens_q=lens_q, seqlens_k=lens_k, out=out.transpose(1, 2))
+        return out, None
     if torch.compiler.is_compiling():
         from fireq_kernels.ops import kv4_attention_op
 
@@ -244,21 +260,33 @@ def _make_layer_class():
                 bufs.append(b)
             self._buf = (bufs[0], bufs[1])
 
-        def _update_static(self, new_k: QuantizedKV, new_v: QuantizedKV, key_states, value_states):
+        def _update_static(self, key_states, value_states):
+            spec = self.attn.fireq_attn.kv
+            keys = _scale_keys(self.attn, key_states)
             n = key_states.shape[-2]
-            if self._buf is None:
-                self._reserve(new_k, self.max_len, exact=True)
-                self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
             if self.cumulative_length + n > self.max_len:
                 raise ValueError(f"fireq: the static INT4 cache holds {self.max_len} tokens; "
                                  f"{self.cumulative_length + n} needed")
-            pos = torch.arange(n, device=key_states.device) + self._len_dev
-            for buf, new in zip(self._buf, (new_k, new_v)):
-                for dst, src in ((buf.packed, new.packed), (buf.scales, new.scales), (buf.zeros, new.zeros)):
-                    if src is not None:  # (FP8 scales as bytes: index_copy_ has no FP8 kernels)
-                        bytes_ = src.dtype.itemsize == 1
-                        (dst.view(torch.uint8) if bytes_ else dst).index_copy_(
-                            2, pos, src.view(torch.uint8) if bytes_ else src)
+            if _triton_kv_write_ok(keys, spec):  # one launch each for K and V, straight into the buffers
+                from fireq_kernels.kv_write import write_kv_triton
+
+                if self._buf is None:
+                    self._reserve(quantize_kv(keys[:, :, :1], spec), self.max_len, exact=True)
+                    self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
+                for buf, x in zip(self._buf, (keys, value_states)):
+                    write_kv_triton(x, spec, buf, self._len_dev)
+            else:
+                new_k, new_v = quantize_kv(keys, spec), quantize_kv(value_states, spec)
+                if self._buf is None:
+                    self._reserve(new_k, self.max_len, exact=True)
+                    self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
+                pos = torch.arange(n, device=key_states.device) + self._len_dev
+                for buf, new in zip(self._buf, (new_k, new_v)):
+                    for dst, src in ((buf.packed, new.packed), (buf.scales, new.scales), (buf.zeros, new.zeros)):
+                        if src is not None:  # (FP8 scales as bytes: index_copy_ has no FP8 kernels)
+                            bytes_ = src.dtype.itemsize == 1
+                            (dst.view(torch.uint8) if bytes_ else dst).index_copy_(
+                                2, pos, src.view(torch.uint8) if bytes_ else src)
             self._len_dev.add_(n)
             self.cumulative_length += n  # host mirror (eager use; a replayed graph does not update it)
             b, h, _, d = key_states.shape
@@ -271,11 +299,11 @@ def _make_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            if self.max_len is not None:
+                return self._update_static(key_states, value_states)
             spec = self.attn.fireq_attn.kv
             new_k = _quantize_kv(_scale_keys(self.attn, key_states), spec)
             new_v = _quantize_kv(value_states, spec)
-            if self.max_len is not None:
-                return self._update_static(new_k, new_v, key_states, value_states)
             n0, n = self.cumulative_length, key_states.shape[-2]
             self._reserve(new_k, n0 + n)
             for buf, new in zip(self._buf, (new_k, new_v)):

@@ -186,6 +186,22 @@ def test_ragged_batch(lq, lk, causal, window, splits):
     assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
 
 
+@pytest.mark.parametrize("lq,splits", [(1, 3), (6, 1)])
+def test_output_into_strided_buffer(lq, splits):
+    """out= (a transposed view of a (B, Lq, Hq, D) buffer) gets exactly what a fresh output gets."""
+    d = 64 if GPU else 32
+    spec = KVSpec(symmetric=False)
+    q8, qs, qk, qv, _, _ = _case(2, 4, 2, lq, 30, d, spec, seed=lq + 40)
+    args = dict(causal=True, k_zero=qk.zeros.to(DEV), v_zero=qv.zeros.to(DEV), out_dtype=torch.float32,
+                splits=splits, block_m=16, block_n=16 if not GPU else 64)
+    ops = (q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV), qv.packed.to(DEV),
+           qv.scales.to(DEV), 1 / math.sqrt(d))
+    a = kv4_attention_triton(*ops, **args)
+    buf = torch.full((2, lq, 4, d), float("nan"), device=DEV)
+    b = kv4_attention_triton(*ops, out=buf.transpose(1, 2), **args)
+    assert b.data_ptr() == buf.data_ptr() and torch.equal(a, b) and torch.equal(buf, a.transpose(1, 2))
+
+
 @pytest.mark.parametrize("lq,splits", [(1, 2), (5, 1)])
 def test_strided_cache_views(lq, splits):
     """The INT4 cache hands the kernel views of larger preallocated buffers (dim 2 sliced): the result

@@ -36,3 +36,34 @@ def test_kv_write_matches_format(spec, d):
         assert got.zeros is None
     else:
         assert torch.equal(got.zeros, ref.zeros)
+
+
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(group_size=32, scale_dtype="bf16")])
+@pytest.mark.parametrize("n,pos", [(5, 0), (1, 9), (3, 17)])
+def test_write_into_cache_buffers(spec, n, pos):
+    """write_kv_triton puts quantize_kv's codes, scales and zero points at token positions pos.. of
+    preallocated (B, H, CAP, .) buffers and leaves every other slot untouched."""
+    from fireq.formats.kv import QuantizedKV
+    from fireq_kernels.kv_write import write_kv_triton
+
+    d, cap = 64, 20
+    g = torch.Generator().manual_seed(n + pos)
+    x = (torch.randn(2, 3, n, d, generator=g) * 3).to(DEV).to(torch.bfloat16)
+    ref = quantize_kv(x, spec)
+
+    def filled(t):
+        if t is None:
+            return None
+        return torch.full((2, 3, cap, t.shape[-1] * t.element_size()), 0x5A, dtype=torch.uint8,
+                          device=DEV).view(t.dtype)
+
+    dst = QuantizedKV(filled(ref.packed), filled(ref.scales), filled(ref.zeros))
+    parts = (dst.packed, dst.scales, dst.zeros)
+    before = [None if t is None else t.clone() for t in parts]
+    write_kv_triton(x, spec, dst, torch.tensor(pos, device=DEV))
+    for got, want, old in zip(parts, (ref.packed, ref.scales, ref.zeros), before):
+        if got is None:
+            continue
+        gb, ob = got.view(torch.uint8), old.view(torch.uint8)
+        assert torch.equal(gb[:, :, pos:pos + n], want.view(torch.uint8))
+        assert torch.equal(gb[:, :, :pos], ob[:, :, :pos]) and torch.equal(gb[:, :, pos + n:], ob[:, :, pos + n:])
