@@ -165,3 +165,12 @@ def test_static_cache_matches_growing_cache(checkpoints, arch):
     with pytest.raises(ValueError, match="static INT4 cache holds 20"):
         with torch.no_grad():
             m(torch.zeros(2, 15, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_graph_decoder_needs_cuda(checkpoints):
+    from fireq.errors import FireqError
+    from fireq.nn.graphs import GraphDecoder
+
+    m = fireq.load(checkpoints["llama", "rtn"])
+    with pytest.raises(FireqError, match="CUDA"):
+        GraphDecoder(m, 1, 32)
