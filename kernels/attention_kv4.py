@@ -89,7 +89,7 @@ def _attn_fwd(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, FOLD_Q: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -103,7 +103,8 @@ def _attn_fwd(
         pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP, BM, BN, SPLITS, CAUSAL, HAS_LENS)
 
     qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
-    qk_scale = qs * (sm_scale * LOG2E)  # per row, in log2 units
+    # per row, in log2 units (padded rows: 1, so that -inf * scale stays -inf; their output is zeroed)
+    qk_scale = tl.where(row_ok, qs * (sm_scale * LOG2E), 1.0)
     offs_gh = tl.arange(0, G // 2)
     offs_dh = tl.arange(0, D // 2)
     if HAS_BIAS and RT > 8:
@@ -183,7 +184,9 @@ def _attn_fwd(
                 else:
                     ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
                 s += sg * ksc[None, :]
-            s = s * qk_scale[:, None]
+            FOLD: tl.constexpr = FOLD_Q and not HAS_BIAS
+            if not FOLD:
+                s = s * qk_scale[:, None]
             if HAS_BIAS:
                 # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
                 if RT <= 2:
@@ -208,13 +211,22 @@ def _attn_fwd(
                 if window > 0:
                     keep = keep & (kpos[None, :] > abs_q[:, None] - window)
                 s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                smax = tl.max(s, axis=1)
+                if FOLD:  # max(c s) = c max(s) for c > 0: the query scale goes into exp2's FMA below
+                    smax = smax * qk_scale
+                m_new = tl.maximum(m_i, smax)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:  # every key of the tile is visible to every row: no mask, every score finite
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                smax = tl.max(s, axis=1)
+                if FOLD:
+                    smax = smax * qk_scale
+                m_new = tl.maximum(m_i, smax)
                 m_safe = m_new
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            if FOLD:
+                p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
+            else:
+                p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if PV_FP8:
                 vsc = vsc1.to(tl.float32)
@@ -304,7 +316,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
                          num_stages: int = 3, seqlens_q: torch.Tensor | None = None,
                          seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, fold_q: bool = True) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -395,7 +407,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                               if has_bias else (0, 0, 0)),
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
-        HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda,
+        HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, FOLD_Q=fold_q,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
