@@ -184,7 +184,7 @@ def _attn_fwd(
                 else:
                     ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
                 s += sg * ksc[None, :]
-            FOLD: tl.constexpr = not HAS_BIAS  # the query scale rides in exp2's FMA (+4-7% prefill)
+            FOLD: tl.constexpr = not HAS_BIAS  # the query scale rides in exp2's FMA (symmetric prefill +4-7%)
             if not FOLD:
                 s = s * qk_scale[:, None]
             if HAS_BIAS:
