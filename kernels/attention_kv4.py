@@ -16,8 +16,9 @@ Schedule: one program per (batch, KV head, block of BM rows, KV split). The rows
 each KV head's cache once). Q.K^T is an FP8 tensor-core product per channel group (two, over the
 group's halves: the cache layout puts them in the two nibbles of a byte, so no register interleave is
 needed) with the key scales applied to the scores; P.V multiplies P (scaled by V's per-token scales) in
-fp16 with V's integer codes (exact in fp16), into two accumulators (low-nibble and high-nibble channels). Online softmax in fp32 (exp2). With SPLITS > 1 (decode), each split writes a partial
-output and its log-sum-exp, combined by a second small kernel.
+fp16 with V's integer codes (exact in fp16), into two accumulators (low-nibble and high-nibble channels).
+Online softmax in fp32 (exp2), the query's scale folded into the exponent's FMA. With SPLITS > 1 (decode),
+each split writes a partial output and its log-sum-exp, combined by a second small kernel.
 
 pv_fp8=True (one scale a token): P.V as an FP8 MMA instead. P times V's per-token scales over the
 running largest V scale (a scalar per program, rescaled with the running max) times PV_RANGE = 256 is
@@ -103,21 +104,24 @@ def _attn_fwd(
         pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP, BM, BN, SPLITS, CAUSAL, HAS_LENS)
 
     qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
-    # per row, in log2 units (padded rows: 1, so that -inf * scale stays -inf; their output is zeroed)
+    # per row, in log2 units (padded rows: 1, so that -inf * scale stays -inf; their output is zeroed). It
+    # rides in exp2's FMA: max(c s) = c max(s) for c > 0, p = exp2(s c - m), and the bias factors come
+    # divided by it (one multiply a score less; prefill +4-7%, attn-foldq-diag-h100.json)
     qk_scale = tl.where(row_ok, qs * (sm_scale * LOG2E), 1.0)
+    bias_unit = LOG2E / qk_scale  # a bias term in the units of the unscaled scores
     offs_gh = tl.arange(0, G // 2)
     offs_dh = tl.arange(0, D // 2)
     if HAS_BIAS and RT > 8:
         offs_r = tl.arange(0, R)
         qbias = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
-                        mask=row_ok[:, None], other=0.0).to(tl.float32)
+                        mask=row_ok[:, None], other=0.0).to(tl.float32) * bias_unit[:, None]
 
-    if HAS_BIAS and RT <= 2:  # ALiBi-sized factors: the query side stays in registers (log2 units)
-        qb0 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+    if HAS_BIAS and RT <= 2:  # ALiBi-sized factors: the query side stays in registers (score units)
+        qb0 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl, mask=row_ok, other=0.0).to(tl.float32) * bias_unit
         qb1 = qb0
         if RT == 2:
             qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
-                          other=0.0).to(tl.float32) * LOG2E
+                          other=0.0).to(tl.float32) * bias_unit
     if NG == 1:  # the query tile stays in registers for the whole key loop
         qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
         q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
@@ -184,9 +188,6 @@ def _attn_fwd(
                 else:
                     ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
                 s += sg * ksc[None, :]
-            FOLD: tl.constexpr = not HAS_BIAS  # the query scale rides in exp2's FMA (symmetric prefill +4-7%)
-            if not FOLD:
-                s = s * qk_scale[:, None]
             if HAS_BIAS:
                 # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
                 if RT <= 2:
@@ -199,11 +200,11 @@ def _attn_fwd(
                                       other=0.0).to(tl.float32)
                         kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
                                       other=0.0).to(tl.float32)
-                        s += (qbr * LOG2E)[:, None] * kbr[None, :]
+                        s += (qbr * bias_unit)[:, None] * kbr[None, :]
                 else:
                     kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
                                     mask=k_ok[:, None], other=0.0).to(tl.float32)
-                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee") * LOG2E
+                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee")
             if phase == 1:
                 keep = k_ok[None, :] & row_ok[:, None]
                 if CAUSAL:
@@ -211,22 +212,13 @@ def _attn_fwd(
                 if window > 0:
                     keep = keep & (kpos[None, :] > abs_q[:, None] - window)
                 s = tl.where(keep, s, float("-inf"))
-                smax = tl.max(s, axis=1)
-                if FOLD:  # max(c s) = c max(s) for c > 0: the query scale goes into exp2's FMA below
-                    smax = smax * qk_scale
-                m_new = tl.maximum(m_i, smax)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:  # every key of the tile is visible to every row: no mask, every score finite
-                smax = tl.max(s, axis=1)
-                if FOLD:
-                    smax = smax * qk_scale
-                m_new = tl.maximum(m_i, smax)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
                 m_safe = m_new
             alpha = tl.exp2(m_i - m_safe)
-            if FOLD:
-                p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
-            else:
-                p = tl.exp2(s - m_safe[:, None])
+            p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if PV_FP8:
                 vsc = vsc1.to(tl.float32)
