@@ -148,37 +148,32 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
     else:
         qk, qv = packed
     q = _unscale_queries(module, query)
-    if q.is_cuda:  # one Triton launch (the PyTorch quantizer is several), same values
-        from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
-
-        q8, qs = quantize_fp8_rows_triton(q.reshape(-1, q.shape[-1]))
-        q8, qs = q8.view(q.shape), qs.view(*q.shape[:-1], 1)
-    else:
-        q8, qs = quantize_fp8_rows(q)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = getattr(module, "is_causal", True)
-    lens = getattr(key, _LENS, None)
-    if lens is not None:  # static cache: whole buffers, valid lengths on the device
-        bsz, hq, lq, d = query.shape
-        lens_k = lens[0].to(torch.int32).expand(bsz).contiguous()
-        lens_q = torch.full((bsz,), lq, dtype=torch.int32, device=query.device)
-        # written straight into the (B, Lq, Hq, D) layout the model wants next: no transpose copy
-        out = torch.empty((bsz, lq, hq, d), dtype=query.dtype, device=query.device)
-        kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale, causal=causal,
-                             window=int(window), k_zero=qk.zeros, v_zero=qv.zeros, out_dtype=query.dtype,
-                             seqlens_q=lens_q, seqlens_k=lens_k, out=out.transpose(1, 2))
-        return out, None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # traced: PyTorch quantizer and the torch.library op
         from fireq_kernels.ops import kv4_attention_op
 
+        q8, qs = quantize_fp8_rows(q)
         out = kv4_attention_op(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale, causal,
                                int(window), qk.zeros, qv.zeros, None, None, query.dtype)
-    else:
-        out = kv4_attention_triton(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale,
-                                   causal=causal, window=int(window), k_zero=qk.zeros, v_zero=qv.zeros,
-                                   out_dtype=query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
+
+    # one Triton launch (the PyTorch quantizer is several), the same values
+    q8, qs = quantize_fp8_rows_triton(q.reshape(-1, q.shape[-1]))
+    bsz, hq, lq, d = query.shape
+    lens_q = lens_k = None
+    lens = getattr(key, _LENS, None)
+    if lens is not None:  # static cache: whole buffers, valid lengths on the device
+        lens_k = lens[0].to(torch.int32).expand(bsz).contiguous()
+        lens_q = torch.full((bsz,), lq, dtype=torch.int32, device=query.device)
+    # written straight into the (B, Lq, Hq, D) layout the model wants next: no transpose copy
+    out = torch.empty((bsz, lq, hq, d), dtype=query.dtype, device=query.device)
+    kv4_attention_triton(q8.view(q.shape), qs.view(bsz, hq, lq), qk.packed, qk.scales, qv.packed, qv.scales, scale,
+                         causal=causal, window=int(window), k_zero=qk.zeros, v_zero=qv.zeros, out_dtype=query.dtype,
+                         seqlens_q=lens_q, seqlens_k=lens_k, out=out.transpose(1, 2))
+    return out, None
 
 
 def register() -> None:
@@ -267,19 +262,16 @@ def _make_layer_class():
             if self.cumulative_length + n > self.max_len:
                 raise ValueError(f"fireq: the static INT4 cache holds {self.max_len} tokens; "
                                  f"{self.cumulative_length + n} needed")
+            if self._buf is None:  # buffers shaped and typed like one quantized token
+                self._reserve(quantize_kv(keys[:, :, :1], spec), self.max_len, exact=True)
+                self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
             if _triton_kv_write_ok(keys, spec):  # one launch each for K and V, straight into the buffers
                 from fireq_kernels.kv_write import write_kv_triton
 
-                if self._buf is None:
-                    self._reserve(quantize_kv(keys[:, :, :1], spec), self.max_len, exact=True)
-                    self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
                 for buf, x in zip(self._buf, (keys, value_states)):
                     write_kv_triton(x, spec, buf, self._len_dev)
             else:
                 new_k, new_v = quantize_kv(keys, spec), quantize_kv(value_states, spec)
-                if self._buf is None:
-                    self._reserve(new_k, self.max_len, exact=True)
-                    self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
                 pos = torch.arange(n, device=key_states.device) + self._len_dev
                 for buf, new in zip(self._buf, (new_k, new_v)):
                     for dst, src in ((buf.packed, new.packed), (buf.scales, new.scales), (buf.zeros, new.zeros)):

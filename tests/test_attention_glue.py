@@ -1,0 +1,54 @@
+"""The attention glue's kernel path (_kernel_forward: K/V and query quantization, kernel call, output layout),
+run in the Triton interpreter on the CPU, against the reference path of fireq_attention_forward."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from fireq.formats.kv import KVSpec
+from fireq.nn import attention
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="runs the Triton path in the interpreter")
+
+
+@pytest.mark.parametrize("lq,lk", [(7, 7), (1, 13)])
+def test_kernel_path_matches_reference(lq, lk):
+    mod = nn.Module()
+    mod.is_causal = True
+    mod.num_key_value_groups = 2  # (transformers' SDPA path repeats K/V by it)
+    attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=False), True))
+    g = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(2, 4, lq, 32, generator=g)
+    k = torch.randn(2, 2, lk, 32, generator=g)
+    v = torch.randn(2, 2, lk, 32, generator=g)
+    mask = None
+    if lq != lk:  # decode against a longer context: the reference needs the causal offset as a mask
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)[None, None]
+    ref, _ = attention.fireq_attention_forward(mod, q, k, v, mask, scaling=32 ** -0.5)
+    got, _ = attention._kernel_forward(mod, q, k, v, 32 ** -0.5, mod.fireq_attn, {})
+    assert got.shape == ref.shape == (2, lq, 4, 32) and got.is_contiguous()
+    assert ((got - ref).norm() / ref.norm()) < 2.0**-10  # P goes through fp16 in the kernel
+
+
+def test_kernel_path_over_static_cache():
+    """The static INT4 cache's whole buffers with device-side lengths give the growing cache's result."""
+    mod = nn.Module()
+    mod.is_causal = True
+    mod.num_key_value_groups = 2
+    attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=False), True))
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 11, 32, generator=g)
+    v = torch.randn(2, 2, 11, 32, generator=g)
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    outs = []
+    for max_len in (None, 24):
+        layer = attention._make_layer_class()(mod, max_len)
+        layer.update(k[:, :, :10], v[:, :, :10])
+        kp, vp = layer.update(k[:, :, 10:], v[:, :, 10:])
+        outs.append(attention._kernel_forward(mod, q, kp, vp, 32 ** -0.5, mod.fireq_attn, {})[0])
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
