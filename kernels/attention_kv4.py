@@ -41,6 +41,10 @@ from .gemm_w4a8 import _round_to_fp8_grid
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+# staged prefill defaults (H100: benchmarks/results/attn-staged-diag-h100.json)
+STAGED_BM, STAGED_BN, STAGED_WARPS, STAGED_STAGES = 64, 128, 4, 3
+STAGED_EXP = 0  # 0: exp2 on the special-function unit, 1: _exp2_fma (2: diagnostics)
+STAGED_WS = False  # Triton's warp specialization of the key loop (measured in attn-staged-diag-h100.json)
 PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
 
@@ -300,15 +304,230 @@ def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_o
     tl.store(out_ptr + b * s_ob + h * s_oh + qpos * s_ol + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk_ptr, Lk,
+              s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl, s_vob, s_voh, s_vol, s_vod,
+              HKV: tl.constexpr, D: tl.constexpr, SYM: tl.constexpr, PV_FP8: tl.constexpr,
+              HAS_LENS: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr):
+    """The INT4 cache of one (batch, KV head) as MMA-ready codes, once per call (one scale a token):
+    K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (PV_FP8) FP8 codes along
+    tokens (D, Lk) with the largest V scale of the head's valid keys (atomic max) in vmax."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    tok = pid_t * BT + tl.arange(0, BT)
+    ok = tok < Lk
+    offs = tl.arange(0, D // 2)
+    src = b * s_kb + hk * s_kh + tok[:, None] * s_kl + offs[None, :]
+    sbase = b * s_ksb + hk * s_ksh + tok * s_ksl
+    kc = tl.load(k_ptr + src, mask=ok[:, None], other=0)
+    vc = tl.load(v_ptr + src, mask=ok[:, None], other=0)
+    if SYM:
+        kz = kc
+        vz = vc
+    else:
+        kz = tl.load(kz_ptr + sbase, mask=ok, other=0)[:, None]
+        vz = tl.load(vz_ptr + sbase, mask=ok, other=0)[:, None]
+    klo, khi = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
+    dst = (bh * Lk + tok[:, None]) * D + offs[None, :]  # k8: (B, Hkv, Lk, D) contiguous
+    tl.store(k8_ptr + dst, klo, mask=ok[:, None])
+    tl.store(k8_ptr + dst + D // 2, khi, mask=ok[:, None])
+    if PV_FP8:
+        vlo, vhi = nibbles_fp8(vc, vz, SYM, not SYM, ASM)
+    else:
+        vlo, vhi = nibbles_f16(vc, vz, SYM, not SYM, ASM)
+    vdst = b * s_vob + hk * s_voh + tok[:, None] * s_vol + offs[None, :] * s_vod
+    tl.store(vo_ptr + vdst, vlo, mask=ok[:, None])
+    tl.store(vo_ptr + vdst + (D // 2) * s_vod, vhi, mask=ok[:, None])
+    if PV_FP8:
+        if HAS_LENS:
+            ok = ok & (tok < tl.load(lk_ptr + b))
+        vs = tl.load(vs_ptr + sbase, mask=ok, other=0.0).to(tl.float32)
+        tl.atomic_max(vmax_ptr + bh, tl.max(vs, axis=0))
+
+
+@triton.jit
+def _exp2_fma(x):
+    """2^x for x <= 0 on the FMA pipes instead of the special-function unit (which issues 16 a clock an
+    SM against 128 FMAs): 2^floor(x) * P(frac) with a cubic P (relative error 1.7e-4, far below FP8 P's
+    rounding); x < -126 (and -inf) gives 0."""
+    xc = tl.maximum(x, -126.0)
+    xi = tl.floor(xc)
+    f = xc - xi
+    p = 1.0 + f * (0.69503617 + f * (0.22830825 + f * 0.07632546))
+    y = (p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x < -126.0, 0.0, y)
+
+
+@triton.jit
+def _attn_fwd_staged(
+    q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, out_ptr, lq_ptr, lk_ptr,
+    Lq, Lk, sm_scale, window,
+    s_qb, s_qh, s_ql, s_qsb, s_qsh,
+    s_ksb, s_ksh, s_ksl, s_vob, s_voh, s_vol, s_vod,
+    s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
+    s_ob, s_oh, s_ol,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
+    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, WS: tl.constexpr, EXP: tl.constexpr,
+):
+    """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
+    conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
+    with V along tokens. Same masks, bias and softmax as _attn_fwd; one split."""
+    REP: tl.constexpr = HQ // HKV
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first (shorter tail)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    rows, qpos, hq, in_mem, row_ok, abs_q, k_lo, k_hi, k_full = _block_ranges(
+        pid_m, 0, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP, BM, BN, 1, CAUSAL, HAS_LENS)
+    qs = tl.load(qs_ptr + b * s_qsb + hq * s_qsh + qpos, mask=row_ok, other=0.0)
+    qk_scale = tl.where(row_ok, qs * (sm_scale * LOG2E), 1.0)  # as in _attn_fwd: rides in exp2's FMA
+    bias_unit = LOG2E / qk_scale
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if HAS_BIAS and RT > 8:
+        offs_r = tl.arange(0, R)
+        qbias = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
+                        mask=row_ok[:, None], other=0.0).to(tl.float32) * bias_unit[:, None]
+    if HAS_BIAS and RT <= 2:
+        qb0 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl, mask=row_ok, other=0.0).to(tl.float32) * bias_unit
+        qb1 = qb0
+        if RT == 2:
+            qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
+                          other=0.0).to(tl.float32) * bias_unit
+    m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, D), dtype=tl.float32)
+    if PV_FP8:
+        vmax = tl.maximum(tl.load(vmax_ptr + bh), 1e-30)
+        vfac = PV_RANGE / vmax
+    k8_base = k8_ptr + bh.to(tl.int64) * Lk * D
+    vo_base = vo_ptr + b.to(tl.int64) * s_vob + hk * s_voh
+    sbase = b * s_ksb + hk * s_ksh
+    for phase in tl.static_range(2):
+        if phase == 0:
+            p_lo = k_lo
+            p_hi = k_full
+        else:
+            p_lo = k_full
+            p_hi = k_hi
+        for start in tl.range(p_lo, p_hi, BN, warp_specialize=WS):
+            kpos = start + tl.arange(0, BN)
+            k_ok = kpos < k_hi
+            ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+            vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_BIAS and RT <= 2:
+                kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0)
+                kb1 = kb0
+                if RT == 2:
+                    kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok, other=0.0)
+            kp = k8_base + kpos[:, None] * D + offs_d[None, :]
+            vp = vo_base + kpos[:, None] * s_vol + offs_d[None, :] * s_vod
+            if phase == 0:  # whole tiles inside the cache: plain loads
+                k8 = tl.load(kp)
+            else:
+                k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
+            if HAS_BIAS:
+                if RT <= 2:
+                    s += qb0[:, None] * kb0.to(tl.float32)[None, :]
+                    if RT == 2:
+                        s += qb1[:, None] * kb1.to(tl.float32)[None, :]
+                elif RT <= 8:
+                    for r in tl.static_range(RT):
+                        qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
+                                      other=0.0).to(tl.float32)
+                        kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
+                                      other=0.0).to(tl.float32)
+                        s += (qbr * bias_unit)[:, None] * kbr[None, :]
+                else:
+                    kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
+                                    mask=k_ok[:, None], other=0.0).to(tl.float32)
+                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee")
+            if phase == 1:
+                keep = k_ok[None, :] & row_ok[:, None]
+                if CAUSAL:
+                    keep = keep & (kpos[None, :] <= abs_q[:, None])
+                if window > 0:
+                    keep = keep & (kpos[None, :] > abs_q[:, None] - window)
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+                m_safe = m_new
+            alpha = tl.exp2(m_i - m_safe)
+            if EXP == 0:
+                p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
+            elif EXP == 1:
+                p = _exp2_fma(s * qk_scale[:, None] - m_safe[:, None])
+            else:  # diagnostics only (wrong values): the loop without any exponential
+                p = tl.maximum(s * qk_scale[:, None] - m_safe[:, None] + 1.0, 0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+            if phase == 0:
+                vt = tl.load(vp)
+            else:
+                vt = tl.load(vp, mask=k_ok[:, None], other=0.0)
+            if PV_FP8:
+                pv = p * (vsc * vfac)[None, :]
+                if EXACT_ROUND:
+                    pv = _round_to_fp8_grid(pv)
+                acc = tl.dot(pv.to(tl.float8e4nv), vt, acc)
+            else:
+                acc = tl.dot((p * vsc[None, :]).to(tl.float16), vt, acc)
+    acc = tl.where(row_ok[:, None], acc, 0.0)
+    l_i = tl.where(row_ok, l_i, 0.0)
+    den = tl.where(l_i == 0.0, 1.0, l_i)
+    if PV_FP8:
+        den = den * vfac
+    optr = out_ptr + b * s_ob + hq[:, None] * s_oh + qpos[:, None] * s_ol + offs_d[None, :]
+    tl.store(optr, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
+
+
+def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
+                    v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
+                    seqlens_k: torch.Tensor | None = None, block_t: int = 64):
+    """The INT4 cache (one scale a token) as MMA operands for the staged prefill: (k8 (B, Hkv, Lk, D)
+    float8 codes, vo, vmax) with vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
+    (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
+    the largest V scale of each head's valid keys (None without pv_fp8). Codes minus zero points: exact
+    small integers. Twin: reference.stage_kv_ref."""
+    bsz, hkv, lk, dh = k.shape
+    d = 2 * dh
+    dev = k.device
+    sym = k_zero is None
+    k8 = torch.empty((bsz, hkv, lk, d), dtype=torch.float8_e4m3fn, device=dev)
+    if pv_fp8:
+        lkp = (lk + 15) // 16 * 16
+        vo = torch.empty((bsz, hkv, d, lkp), dtype=torch.float8_e4m3fn, device=dev)[..., :lk].transpose(2, 3)
+        vmax = torch.zeros(bsz * hkv, dtype=torch.float32, device=dev)
+    else:
+        vo = torch.empty((bsz, hkv, lk, d), dtype=torch.float16, device=dev)
+        vmax = None
+    has_lens = seqlens_k is not None
+    dummy = v_scale
+    _stage_kv[(triton.cdiv(lk, block_t), bsz * hkv)](
+        k, k_zero if not sym else dummy, v, v_zero if not sym else dummy, v_scale, k8, vo,
+        vmax if pv_fp8 else dummy, seqlens_k if has_lens else dummy, lk,
+        k.stride(0), k.stride(1), k.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm())
+    return k8, vo, vmax
+
+
 def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
                          v: torch.Tensor, v_scale: torch.Tensor, sm_scale: float, causal: bool = True,
                          window: int = 0, k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,
                          q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                          out_dtype: torch.dtype = torch.bfloat16, splits: int | None = None,
-                         block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                         num_stages: int = 3, seqlens_q: torch.Tensor | None = None,
+                         block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None, seqlens_q: torch.Tensor | None = None,
                          seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, staged: bool | None = None) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -322,7 +541,13 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
 
     pv_fp8: P.V as an FP8 MMA (needs one scale a token; slower on the H100 with this cache layout, see
     the module docstring). out: where to write (B, Hq, Lq, D) in out_dtype, any strides with the last dim
-    contiguous (e.g. a transposed view of a (B, Lq, Hq, D) buffer); returned."""
+    contiguous (e.g. a transposed view of a (B, Lq, Hq, D) buffer); returned.
+
+    staged (prefill, one scale a token, one split): the cache is first turned into MMA-ready codes
+    (stage_kv_triton: K as FP8 codes, V as fp16 codes or, with pv_fp8, FP8 codes along tokens), once,
+    and the attention loop then runs on plain loads (_attn_fwd_staged). None: on the GPU when every
+    KV head has at least four blocks of query rows (each key tile would otherwise be converted that
+    many times)."""
     bsz, hq, lq, d = q8.shape
     _, hkv, lk, dh = k.shape
     if q8.dtype != torch.float8_e4m3fn or k.dtype != torch.uint8 or v.dtype != torch.uint8:
@@ -357,8 +582,22 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             q_bias = torch.nn.functional.pad(q_bias, (0, r - r0))
             k_bias = torch.nn.functional.pad(k_bias, (0, r - r0))
     rows = lq * rep
-    bm = block_m or (16 if rows <= 16 else 64)
-    bn = block_n or (64 if d > 128 else 256 if bm <= 16 else 128)
+    if staged is None:
+        staged = (q8.is_cuda and g == d and splits in (None, 1)
+                  and triton.cdiv(rows, block_m or STAGED_BM) >= 4)
+    if staged:
+        if g != d or splits not in (None, 1):
+            raise ValueError("kv4_attention_triton: staged needs one scale a token and one split")
+        splits = 1
+        bm = block_m or STAGED_BM
+        bn = block_n or (64 if d > 128 else STAGED_BN)
+        num_warps = num_warps or STAGED_WARPS
+        num_stages = num_stages or STAGED_STAGES
+    else:
+        bm = block_m or (16 if rows <= 16 else 64)
+        bn = block_n or (64 if d > 128 else 256 if bm <= 16 else 128)
+        num_warps = num_warps or 4
+        num_stages = num_stages or 3
     if splits is None:
         blocks = triton.cdiv(rows, bm) * bsz * hkv
         splits = 1
@@ -387,6 +626,22 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         o, so = out, (out.stride(0), out.stride(1), out.stride(2), 0)
     kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
     dummy = q_scale
+    if staged:
+        k8, vo, vmax = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None)
+        _attn_fwd_staged[(triton.cdiv(rows, bm), bsz * hkv)](
+            q8, q_scale, k8, k_scale, vo, v_scale, vmax if pv_fp8 else dummy,
+            q_bias if has_bias else dummy, k_bias if has_bias else dummy, out,
+            seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
+            lq, lk, sm_scale, window,
+            q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), *vo.stride(),
+            *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))
+                                                                  if has_bias else (0, 0, 0)),
+            out.stride(0), out.stride(1), out.stride(2),
+            HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
+            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, WS=STAGED_WS, EXP=STAGED_EXP, num_warps=num_warps,
+            num_stages=num_stages)
+        return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
     _attn_fwd[grid](
         q8, q_scale, k, k_scale, k_zero if not sym else dummy, v, v_scale, v_zero if not sym else dummy,

@@ -14,7 +14,7 @@ from fireq.formats.int4 import expand_group_scales as group_scales_ref  # noqa: 
 from fireq.formats.int4 import unpack_int4 as unpack_int4_ref  # noqa: E402
 
 __all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8_gemm_ref", "w4a8_linear_ref",
-           "kv4_attention_ref", "rmsnorm_ref"]
+           "kv4_attention_ref", "stage_kv_ref", "rmsnorm_ref"]
 
 
 def w4a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
@@ -125,6 +125,32 @@ def _pv_fp8(s: torch.Tensor, vv: torch.Tensor, vs: torch.Tensor) -> torch.Tensor
     codes = torch.where(vs[..., None] > 0, vv / vs[..., None].clamp_min(1e-30), torch.zeros_like(vv)).round()
     out = (pv @ codes) * (c / PV_RANGE)[..., None]
     return out / torch.where(l == 0, torch.ones_like(l), l)
+
+
+def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
+                 v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
+                 seqlens_k: torch.Tensor | None = None):
+    """Twin of attention_kv4.stage_kv_triton. k, v: (B, Hkv, Lk, D/2) uint8 codes of one group a token;
+    v_scale: (B, Hkv, Lk, 1); k_zero, v_zero: (B, Hkv, Lk, 1) uint8 or None. Returns (k8 (B, Hkv, Lk, D)
+    float8 codes, vo (B, Hkv, Lk, D) fp16 or (pv_fp8) float8 codes, vmax (B * Hkv,) fp32 the largest
+    V scale of each head's first seqlens_k[b] keys, or None)."""
+    from fireq.formats.kv import unpack_kv_codes
+
+    d = 2 * k.shape[-1]
+    sym = k_zero is None
+    kc = unpack_kv_codes(k, d, sym).float()
+    vc = unpack_kv_codes(v, d, sym).float()
+    if not sym:
+        kc = kc - k_zero.float()
+        vc = vc - v_zero.float()
+    k8 = kc.to(torch.float8_e4m3fn)
+    if not pv_fp8:
+        return k8, vc.to(torch.float16), None
+    vs = v_scale[..., 0].float()
+    if seqlens_k is not None:
+        keep = torch.arange(vs.shape[-1], device=vs.device)[None, :] < seqlens_k.to(vs.device)[:, None]
+        vs = vs * keep[:, None, :]
+    return k8, vc.to(torch.float8_e4m3fn), vs.amax(dim=-1).clamp_min(0).reshape(-1)
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 
 from fireq.formats.fp8 import quantize_fp8_rows
 from fireq.formats.kv import KVSpec, dequantize_kv, quantize_kv
-from fireq_kernels.attention_kv4 import kv4_attention_triton
+from fireq_kernels.attention_kv4 import kv4_attention_triton, stage_kv_triton
 from fireq_kernels.bias import alibi_factors, alibi_dense, factor_bias
-from fireq_kernels.reference import kv4_attention_ref
+from fireq_kernels.reference import kv4_attention_ref, stage_kv_ref
 
 GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 DEV = "cuda" if GPU else "cpu"
@@ -50,7 +50,7 @@ def _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r=0):
     return q8, qs, qk, qv, qb, kb
 
 
-def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv_fp8=False):
+def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv_fp8=False, staged=None):
     if GPU:  # FP8 tensor-core products need >= 32 channels a group
         d = max(d, 64)
         if spec.group_size not in (-1, 0):
@@ -69,7 +69,7 @@ def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv
     got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
                                qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, dv(qk.zeros),
                                dv(qv.zeros), dv(qb), dv(kb), out_dtype=torch.float32, splits=splits,
-                               block_m=16, block_n=16 if not GPU else 64, pv_fp8=pv_fp8).cpu()
+                               block_m=16, block_n=16 if not GPU else 64, pv_fp8=pv_fp8, staged=staged).cpu()
     assert torch.isfinite(got).all()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
@@ -225,3 +225,60 @@ def test_strided_cache_views(lq, splits):
                              padded(qv.packed), padded(qv.scales), scale, k_zero=padded(qk.zeros),
                              v_zero=padded(qv.zeros), **args)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_stage_kv_matches_twin(sym, pv_fp8):
+    """The staging kernel (the cache as MMA-ready codes for the staged prefill) equals its twin exactly,
+    V along tokens for the FP8 P.V; the largest V scale only over each sequence's valid keys."""
+    spec = KVSpec(symmetric=sym)
+    d = 64 if GPU else 32
+    _, _, qk, qv, _, _ = _case(3, 2, 2, 1, 37, d, spec, seed=11 + sym + 2 * pv_fp8)
+    lens = torch.tensor([37, 20, 5])
+    dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), dv(qk.zeros), dv(qv.zeros),
+                          pv_fp8, lens.to(DEV, torch.int32), block_t=16)
+    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, qk.zeros, qv.zeros, pv_fp8, lens)
+    assert torch.equal(got[0].cpu().float(), want[0].float())
+    assert torch.equal(got[1].cpu().float(), want[1].float())
+    if pv_fp8:
+        assert got[1].stride(2) == 1  # tokens contiguous
+        assert torch.equal(got[2].cpu(), want[2])
+    else:
+        assert got[2] is None
+
+
+@pytest.mark.parametrize("pv_fp8", [False, True])
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,causal,window,bias_r", [
+    (1, 2, 2, 40, 40, True, 0, 0), (2, 4, 1, 33, 33, True, 0, 0), (1, 4, 2, 17, 30, False, 0, 0),
+    (1, 2, 2, 36, 36, True, 9, 0), (1, 4, 2, 35, 35, True, 0, 2), (1, 4, 2, 19, 19, True, 0, 4),
+    (1, 4, 2, 18, 18, True, 0, 20)])
+def test_staged_prefill(pv_fp8, b, hq, hkv, lq, lk, causal, window, bias_r):
+    """The staged prefill (cache staged once, plain loads in the loop) against float64, within 2x of the
+    twin's error (the FP8 P.V twin rounds P against each head's largest V scale, as the kernel does)."""
+    if pv_fp8:  # enough rows that the norms compare error distributions (see test_pv_fp8)
+        hq, hkv = hq * 4, hkv * 2
+    for spec in (KVSpec(), KVSpec(symmetric=False)):
+        _run(b, hq, hkv, lq, lk, 32, spec, causal, window, 1, seed=lq + lk + bias_r + 3 * window,
+             bias_r=bias_r, pv_fp8=pv_fp8, staged=True)
+
+
+def test_staged_ragged_batch_and_strided_out():
+    """Ragged lengths over the staged path: padded rows zero, the rest as the unstaged kernel computes."""
+    b, hq, hkv, lq, lk, d = 3, 4, 2, 21, 29, 64 if GPU else 32
+    spec = KVSpec(symmetric=False)
+    q8, qs, qk, qv, _, _ = _case(b, hq, hkv, lq, lk, d, spec, seed=77)
+    lens_q = torch.tensor([21, 9, 1], dtype=torch.int32)
+    lens_k = torch.tensor([29, 15, 12], dtype=torch.int32)
+    ops = (q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV), qv.packed.to(DEV),
+           qv.scales.to(DEV), 1 / math.sqrt(d))
+    args = dict(causal=True, k_zero=qk.zeros.to(DEV), v_zero=qv.zeros.to(DEV), out_dtype=torch.float32,
+                block_m=16, block_n=16 if not GPU else 64, seqlens_q=lens_q.to(DEV), seqlens_k=lens_k.to(DEV),
+                splits=1)
+    a = kv4_attention_triton(*ops, staged=False, **args).cpu()
+    buf = torch.full((b, lq, hq, d), float("nan"), device=DEV)
+    got = kv4_attention_triton(*ops, staged=True, out=buf.transpose(1, 2), **args).cpu()
+    for i in range(b):
+        assert torch.all(got[i, :, lens_q[i]:] == 0)
+    assert torch.allclose(got, a, rtol=2e-3, atol=2e-3)
