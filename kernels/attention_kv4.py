@@ -44,6 +44,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 # staged prefill defaults (H100: benchmarks/results/attn-staged-diag-h100.json)
 STAGED_BM, STAGED_BN, STAGED_WARPS, STAGED_STAGES = 64, 128, 4, 3
 STAGED_EXP = 0  # 0: exp2 on the special-function unit, 1: _exp2_fma (2: diagnostics)
+STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (pointer loads otherwise)
 STAGED_WS = False  # Triton's warp specialization of the key loop (measured in attn-staged-diag-h100.json)
 PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
@@ -370,7 +371,7 @@ def _attn_fwd_staged(
     s_ob, s_oh, s_ol,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
-    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, WS: tl.constexpr, EXP: tl.constexpr,
+    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, WS: tl.constexpr, EXP: tl.constexpr, TMA: tl.constexpr,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
@@ -404,8 +405,9 @@ def _attn_fwd_staged(
     if PV_FP8:
         vmax = tl.maximum(tl.load(vmax_ptr + bh), 1e-30)
         vfac = PV_RANGE / vmax
-    k8_base = k8_ptr + bh.to(tl.int64) * Lk * D
-    vo_base = vo_ptr + b.to(tl.int64) * s_vob + hk * s_voh
+    if not TMA:
+        k8_base = k8_ptr + bh.to(tl.int64) * Lk * D
+        vo_base = vo_ptr + b.to(tl.int64) * s_vob + hk * s_voh
     sbase = b * s_ksb + hk * s_ksh
     for phase in tl.static_range(2):
         if phase == 0:
@@ -424,9 +426,12 @@ def _attn_fwd_staged(
                 kb1 = kb0
                 if RT == 2:
                     kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok, other=0.0)
-            kp = k8_base + kpos[:, None] * D + offs_d[None, :]
-            vp = vo_base + kpos[:, None] * s_vol + offs_d[None, :] * s_vod
-            if phase == 0:  # whole tiles inside the cache: plain loads
+            if not TMA:
+                kp = k8_base + kpos[:, None] * D + offs_d[None, :]
+                vp = vo_base + kpos[:, None] * s_vol + offs_d[None, :] * s_vod
+            if TMA:  # tensor-memory loads of 3-d descriptors (one head a slice; past Lk: zeros)
+                k8 = k8_ptr.load([bh, start, 0]).reshape(BN, D)
+            elif phase == 0:  # whole tiles inside the cache: plain loads
                 k8 = tl.load(kp)
             else:
                 k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
@@ -469,7 +474,12 @@ def _attn_fwd_staged(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
             m_i = m_new
-            if phase == 0:
+            if TMA:
+                if PV_FP8:
+                    vt = tl.trans(vo_ptr.load([bh, 0, start]).reshape(D, BN))
+                else:
+                    vt = vo_ptr.load([bh, start, 0]).reshape(BN, D)
+            elif phase == 0:
                 vt = tl.load(vp)
             else:
                 vt = tl.load(vp, mask=k_ok[:, None], other=0.0)
@@ -628,8 +638,19 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     dummy = q_scale
     if staged:
         k8, vo, vmax = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None)
+        tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
+        k8_arg, vo_arg = k8, vo
+        if tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            k8_arg = TensorDescriptor(k8, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
+            if pv_fp8:  # (B, Hkv, D, Lk') storage: tokens along the rows
+                st = vo.stride()
+                vo_arg = TensorDescriptor(vo.transpose(2, 3), [bsz * hkv, d, lk], [st[1], st[3], 1], [1, d, bn])
+            else:
+                vo_arg = TensorDescriptor(vo, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
         _attn_fwd_staged[(triton.cdiv(rows, bm), bsz * hkv)](
-            q8, q_scale, k8, k_scale, vo, v_scale, vmax if pv_fp8 else dummy,
+            q8, q_scale, k8_arg, k_scale, vo_arg, v_scale, vmax if pv_fp8 else dummy,
             q_bias if has_bias else dummy, k_bias if has_bias else dummy, out,
             seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
             lq, lk, sm_scale, window,
@@ -639,7 +660,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                                   if has_bias else (0, 0, 0)),
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
-            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, WS=STAGED_WS, EXP=STAGED_EXP, num_warps=num_warps,
+            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, WS=STAGED_WS, EXP=STAGED_EXP, TMA=tma, num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)

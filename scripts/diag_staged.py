@@ -20,15 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import bench_graph, env_info, geomean, table, write_json  # noqa: E402
 
 UNSTAGED = ((64, 128, 4, 3),)
-CFGS = ((64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2), (64, 256, 4, 2), (128, 128, 8, 3), (128, 64, 4, 3))
-# (name, staged, pv_fp8, exp mode (0 MUFU, 1 FMA polynomial, 2 none: diagnostics), warp_specialize, configs)
-VARIANTS = (("unstaged", False, False, 0, False, UNSTAGED),
-            ("staged_pv16", True, False, 0, False, ((128, 64, 4, 3), (64, 128, 4, 3))),
-            ("staged_pv16_fmaexp", True, False, 1, False, ((128, 64, 4, 3), (64, 128, 4, 3))),
-            ("staged_pv8", True, True, 0, False, CFGS),
-            ("staged_pv8_fmaexp", True, True, 1, False, CFGS),
-            ("staged_pv8_ws", True, True, 0, True, ((64, 128, 4, 3), (128, 128, 8, 3))),
-            ("staged_pv8_noexp_diag", True, True, 2, False, ((64, 128, 4, 3),)))
+CFGS = ((64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3))
+# (name, staged, pv_fp8, exp mode (0 MUFU, 1 FMA polynomial, 2 none: diagnostics), warp_specialize, TMA, configs)
+VARIANTS = (("unstaged", False, False, 0, False, False, UNSTAGED),
+            ("staged_pv16_ptr", True, False, 0, False, False, ((128, 64, 4, 3),)),
+            ("staged_pv16_tma", True, False, 0, False, True, CFGS),
+            ("staged_pv8_ptr", True, True, 0, False, False, ((64, 128, 4, 3),)),
+            ("staged_pv8_tma", True, True, 0, False, True, CFGS),
+            ("staged_pv8_tma_ws", True, True, 0, True, True, ((64, 128, 4, 3), (128, 128, 8, 2))))
 
 
 def main():
@@ -79,14 +78,14 @@ def main():
 
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)])
             flops = 4 * S * S * 128 * 32 / 2
-            for variant, st, pv8, exp, ws, cfgs in VARIANTS:
+            for variant, st, pv8, exp, ws, tma, cfgs in VARIANTS:
                 cand = cfgs if (S == 8192 or variant not in best) else [best[variant]]
                 res = []
                 for cfg in cand:
                     bm, bn, w, stg = cfg
 
-                    def f(bm=bm, bn=bn, w=w, stg=stg, pv8=pv8, st=st, exp=exp, ws=ws):
-                        ak.STAGED_EXP, ak.STAGED_WS = exp, ws
+                    def f(bm=bm, bn=bn, w=w, stg=stg, pv8=pv8, st=st, exp=exp, ws=ws, tma=tma):
+                        ak.STAGED_EXP, ak.STAGED_WS, ak.STAGED_TMA = exp, ws, tma
                         return kv4_attention_triton(*ops, **kw, block_m=bm, block_n=bn, num_warps=w,
                                                     num_stages=stg, pv_fp8=pv8, staged=st)
                     try:
