@@ -42,9 +42,10 @@ from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 # staged prefill defaults (H100: benchmarks/results/attn-staged-diag-h100.json)
-STAGED_BM, STAGED_BN, STAGED_WARPS, STAGED_STAGES = 64, 128, 4, 3
+STAGED_BM, STAGED_BN, STAGED_WARPS, STAGED_STAGES = 64, 128, 4, 2
 STAGED_EXP = 0  # 0: exp2 on the special-function unit, 1: _exp2_fma (2: diagnostics)
 STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (pointer loads otherwise)
+UNSTAGED_TMA = True  # the decode kernel's code tiles by descriptors (one group a token, sm_90+)
 STAGED_WS = False  # Triton's warp specialization of the key loop (measured in attn-staged-diag-h100.json)
 PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
@@ -95,7 +96,7 @@ def _attn_fwd(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, TMA: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -174,8 +175,11 @@ def _attn_fwd(
                     qrow = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + gi * G + offs_gh[None, :]
                     qa = tl.load(qrow, mask=row_ok[:, None], other=0.0)
                     qb = tl.load(qrow + G // 2, mask=row_ok[:, None], other=0.0)
-                kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
-                             mask=k_ok[:, None], other=0)
+                if TMA:  # one group a token: a 3-d descriptor (B * Hkv, Lk, D/2), zeros past Lk
+                    kc = k_ptr.load([bh, start, 0]).reshape(BN, D // 2)
+                else:
+                    kc = tl.load(k_ptr + kbase + kpos[:, None] * s_kl + gi * (G // 2) + offs_gh[None, :],
+                                 mask=k_ok[:, None], other=0)
                 if SYM:
                     kz = kc
                 else:
@@ -235,7 +239,10 @@ def _attn_fwd(
             m_i = m_new
             # P V: V's per-token (per group) scales go on P's columns; V's codes are exact in fp16. Column c
             # of a nibble tile is channel cha[c] (low) or cha[c] + G/2 (high)
-            vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
+            if TMA:
+                vc = v_ptr.load([bh, start, 0]).reshape(BN, D // 2)
+            else:
+                vc = tl.load(v_ptr + kbase + kpos[:, None] * s_kl + offs_dh[None, :], mask=k_ok[:, None], other=0)
             if NG == 1:
                 if SYM:
                     vz = vc
@@ -664,8 +671,18 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
+    # TMA for the code tiles: one group a token, heads laid out evenly (a 3-d view over batch and heads)
+    tma = (UNSTAGED_TMA and g == d and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
+           and k.stride(0) == hkv * k.stride(1) and (k.stride(1) % 16 == 0) and k.stride(2) % 16 == 0
+           and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
+    k_arg, v_arg = k, v
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg = TensorDescriptor(k, [bsz * hkv, lk, dh], [k.stride(1), k.stride(2), 1], [1, bn, dh])
+        v_arg = TensorDescriptor(v, [bsz * hkv, lk, dh], [v.stride(1), v.stride(2), 1], [1, bn, dh])
     _attn_fwd[grid](
-        q8, q_scale, k, k_scale, k_zero if not sym else dummy, v, v_scale, v_zero if not sym else dummy,
+        q8, q_scale, k_arg, k_scale, k_zero if not sym else dummy, v_arg, v_scale, v_zero if not sym else dummy,
         q_bias if has_bias else dummy, k_bias if has_bias else dummy, o, lse,
         seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
         lq, lk, sm_scale, window,
@@ -675,7 +692,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                               if has_bias else (0, 0, 0)),
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
-        HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda,
+        HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:

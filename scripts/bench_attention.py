@@ -7,8 +7,8 @@ Decode: 32 query / 8 KV heads, d = 128, L in {8192, 32768, 131072}, B in {1, 8},
 cache with enable_gqa=True. ALiBi: prefill S = 8192 with R = 2 factors vs SDPA with the dense BF16 bias,
 and the time with factors over the time without. CUDA-graph timing (do_bench medians), random inputs,
 inputs rotated past L2 where one set fits in it. Each point is checked against a float reference first.
-I/O: for prefill, HBM bytes from the kernel's tiles (Q, O once; K and V codes + scales once per query
-block) next to the Saha-Ye lower bound N^2 d^2 / M for the on-chip memory M the tiles use.
+I/O: for prefill, HBM bytes from the kernel's tiles (Q, O once; the staging pass; staged K and V + scales once
+per query block) next to the Saha-Ye lower bound N^2 d^2 / M for the on-chip memory M the tiles use.
 Both cache formats: symmetric INT4 (summary keys without suffix) and asymmetric with zero points (the
 default recipe's, keys ending in _asym). Each point times a few tile configs and reports the best.
 P.V FP16 (rows with pv = "fp16"); with --pv fp16,fp8 also the FP8 option (pv_fp8=True; rows with
@@ -29,7 +29,9 @@ from _bench_util import bench_graph, copies_for, env_info, geomean, table, write
 
 
 # candidates (H100 winners in benchmarks/results/attn-diag-h100.json); the best is timed per point
-PREFILL_CFGS = ((64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3))
+# prefill runs the staged kernel (kv4_attention_triton's default for long queries on the GPU; winners in
+# attn-staged-diag-h100.json)
+PREFILL_CFGS = ((64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2))
 DECODE_CFGS = ((None, 256), (16, 256), (32, 256), (None, 128), (32, 128))
 
 
@@ -131,10 +133,13 @@ def run_format(args, env, dev, spec, rows, pv_fp8=False):
         t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)])
         flops = 4 * S * S * 128 * 32 / 2
         tiles_q = math.ceil(S / bm)
-        # K, V codes (D/2 bytes) + fp8 scales per token, read by each query block (causal: ~half)
-        kv_bytes = 32 * (S * (64 + 1 + (0 if sym else 1)) * 2) * tiles_q / 2
+        # staged: the pass reads the codes (+ zero points) and writes K as FP8 and V as fp16 (FP8) codes once;
+        # each query block (causal: ~half of them a key) then reads those and the two fp8 scales a token
+        vb = 128 if pv_fp8 else 256
+        stage_bytes = 32 * S * (2 * 64 + (0 if sym else 2) + 128 + vb + (0 if pv_fp8 else 0))
+        kv_bytes = stage_bytes + 32 * S * (128 + vb + 2) * tiles_q / 2
         q_o_bytes = 32 * S * 128 * (1 + 2) + 32 * S * 4
-        onchip = (bm * 128 + 2 * bn * 64 + bm * bn * 4 + bm * 128 * 4)  # Q fp8, K/V codes, S fp32, acc fp32
+        onchip = (bm * 128 + bn * (128 + vb) + bm * bn * 4 + bm * 128 * 4)  # Q fp8, K/V tiles, S fp32, acc fp32
         lower = 32 * (S * S * 128 * 128 / onchip) / 2
         rows.append(dict(kind="prefill", sym=sym, pv=pv, S=S, B=1, ours_ms=t_ours, sdpa_ms=t_sdpa, vs_sdpa=t_sdpa / t_ours,
                          tflops=flops / t_ours / 1e9, hbm_bytes=kv_bytes + q_o_bytes,
