@@ -39,6 +39,9 @@ import triton.language as tl
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+# tiled kernel over the kernel layout: x and weight tiles by tensor-memory descriptors on sm_90+
+# (benchmarks/results/gemm-tma-diag-h100.json)
+GEMM_TMA = True
 # Hopper's FP8 tensor cores accumulate a chain of MMAs in reduced precision (about 14 bits kept),
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
 # order on the GPU, whatever the twin's FP32 error. (cuBLAS FP8 without split accumulation shares it.)
@@ -189,7 +192,7 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    PERSIST: tl.constexpr,
+    PERSIST: tl.constexpr, TMA: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -202,12 +205,12 @@ def _w4a8_gemm_kernel(
             _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K,
                 inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, GROUP, PER_CHANNEL,
                 HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16, FUSED_SPLITK, HALF, ASM,
-                EPI, HAS_RES)
+                EPI, HAS_RES, TMA)
     else:
         _gemm_tile(tl.program_id(0), tl.program_id(1), x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
             cnt_ptr, r_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
             GROUP, PER_CHANNEL, HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16,
-            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES)
+            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA)
 
 
 @triton.jit
@@ -219,8 +222,10 @@ def _gemm_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel."""
+    """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel. TMA (kernel layout only): x_ptr and
+    w_ptr are tensor descriptors with blocks (BM, BK/2) and (BN, BK/2); zeros past M, N and K."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     width = GROUP_M * num_n
@@ -247,19 +252,25 @@ def _gemm_tile(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if not TMA:
+        x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     for t in range(t0, t1):
         k0 = t * BK
         if HALF:
             # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
             # k0 + BK/2 + j (high nibble); rows padded with zero codes to whole tiles. Two MMAs over the
             # halves of the tile, no register interleave.
-            ka = k0 + offs_kh
-            xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
-            xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
-                         other=0.0)
-            wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
+            if TMA:
+                xa = x_ptr.load([pid_m * BM, k0])
+                xb = x_ptr.load([pid_m * BM, k0 + BK // 2])
+                wb = w_ptr.load([pid_n * BN, k0 // 2])
+            else:
+                ka = k0 + offs_kh
+                xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
+                xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
+                             other=0.0)
+                wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
             wa, wz = nibbles_fp8(wb, wb, True, False, ASM)
             if SWAP:
                 part = tl.dot(wa, tl.trans(xa))
@@ -623,8 +634,18 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     part = torch.empty((split, m, n), dtype=torch.float32, device=xq.device) if fused else out
     cnt = _tile_counters(xq.device, tiles) if fused else out
     xs = x_scale.reshape(-1).float().contiguous()
+    x_arg, w_arg = xq, qweight
+    tma = (GEMM_TMA and half and xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (9, 0)
+           and xq.stride(0) % 16 == 0 and qweight.stride(0) % 16 == 0 and xq.data_ptr() % 16 == 0
+           and qweight.data_ptr() % 16 == 0)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bk2 = cfg["BK"] // 2
+        x_arg = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg["BM"], bk2])
+        w_arg = TensorDescriptor(qweight, [n, qweight.shape[1]], [qweight.stride(0), 1], [cfg["BN"], bk2])
     _w4a8_gemm_kernel[grid](
-        xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
+        x_arg, xs, w_arg, w_scales, bias if bias is not None else xs, out, part, cnt,
         residual if residual is not None else xs,
         m, n, k, 2.0 ** -log2_multiplier, mult2,
         xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(-2),
@@ -633,7 +654,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
-        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, num_warps=cfg["num_warps"],
+        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, TMA=tma, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out
