@@ -41,7 +41,7 @@ from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 # tiled kernel over the kernel layout: x and weight tiles by tensor-memory descriptors on sm_90+
 # (benchmarks/results/gemm-tma-diag-h100.json)
-GEMM_TMA = True
+GEMM_TMA = False  # measured 7-8% slower at prefill with the pointer-tuned configs
 # Hopper's FP8 tensor cores accumulate a chain of MMAs in reduced precision (about 14 bits kept),
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
 # order on the GPU, whatever the twin's FP32 error. (cuBLAS FP8 without split accumulation shares it.)

@@ -282,3 +282,28 @@ def test_staged_ragged_batch_and_strided_out():
     for i in range(b):
         assert torch.all(got[i, :, lens_q[i]:] == 0)
     assert torch.allclose(got, a, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("lq,lk,splits,staged", [(24, 24, 1, False), (40, 40, 1, True), (1, 45, 3, False)])
+def test_alibi_factors_in_kernel_equal_dense_bias(lq, lk, splits, staged):
+    """ALiBi's factors [-j, 1] have a column constant along the keys; the kernel drops that term (a row
+    constant under softmax): the result still matches the float64 attention with the dense ALiBi bias."""
+    b, hq, hkv, d = 1, 4, 2, 64 if GPU else 32
+    spec = KVSpec()
+    q8, qs, qk, qv, _, _ = _case(b, hq, hkv, lq, lk, d, spec, seed=lq + lk)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    qb, kb = alibi_factors(slopes, lq, lk)
+    scale = 1 / math.sqrt(d)
+    qd = q8.double() * qs.double()
+    kd, vd = dequantize_kv(qk, d, spec, torch.float64), dequantize_kv(qv, d, spec, torch.float64)
+    keep = _mask(lq, lk, True, 0)
+    dense = alibi_dense(slopes, lq, lk)[None] + torch.where(keep, 0.0, float("-inf")).double()
+    ref = kv4_attention_ref(qd, kd, vd, scale, dense, acc_dtype=torch.float64)
+    twin = kv4_attention_ref(qd.float(), kd.float(), vd.float(), scale, dense.float())
+    got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
+                               qv.packed.to(DEV), qv.scales.to(DEV), scale, True, q_bias=qb[None].float().to(DEV),
+                               k_bias=kb[None].float().to(DEV), out_dtype=torch.float32, splits=splits,
+                               block_m=16, block_n=16 if not GPU else 64, staged=staged).cpu()
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
+    assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
