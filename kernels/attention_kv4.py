@@ -88,9 +88,9 @@ def _block_ranges(pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP: tl.c
 
 @triton.jit
 def _attn_fwd(
-    q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr, kc_ptr,
+    q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
     out_ptr, lse_ptr, lq_ptr, lk_ptr,
-    Lq, Lk, sm_scale, window, s_kcb, s_kch,
+    Lq, Lk, sm_scale, window,
     s_qb, s_qh, s_ql, s_qsb, s_qsh,
     s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl,
     s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
@@ -130,11 +130,6 @@ def _attn_fwd(
         if RT == 2:
             qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
                           other=0.0).to(tl.float32) * bias_unit
-        # kc: 1 where k_bias's column is constant along the keys (computed on the device by the wrapper)
-        use0 = tl.load(kc_ptr + b * s_kcb + hk * s_kch) == 0
-        use1 = use0
-        if RT == 2:
-            use1 = tl.load(kc_ptr + b * s_kcb + hk * s_kch + 1) == 0
     if NG == 1:  # the query tile stays in registers for the whole key loop
         qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
         q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
@@ -206,12 +201,10 @@ def _attn_fwd(
                 s += sg * ksc[None, :]
             if HAS_BIAS:
                 # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
-                if RT <= 2:  # a factor constant along the keys adds a row constant: softmax drops it
-                    if use0:
-                        s += qb0[:, None] * kb0.to(tl.float32)[None, :]
+                if RT <= 2:
+                    s += qb0[:, None] * kb0.to(tl.float32)[None, :]
                     if RT == 2:
-                        if use1:
-                            s += qb1[:, None] * kb1.to(tl.float32)[None, :]
+                        s += qb1[:, None] * kb1.to(tl.float32)[None, :]
                 elif RT <= 8:  # a few rank-1 updates of the score tile
                     for r in tl.static_range(RT):
                         qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
@@ -379,8 +372,8 @@ def _exp2_fma(x):
 
 @triton.jit
 def _attn_fwd_staged(
-    q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, kc_ptr, out_ptr, lq_ptr, lk_ptr,
-    Lq, Lk, sm_scale, window, s_kcb, s_kch,
+    q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, out_ptr, lq_ptr, lk_ptr,
+    Lq, Lk, sm_scale, window,
     s_qb, s_qh, s_ql, s_qsb, s_qsh,
     s_ksb, s_ksh, s_ksl, s_vob, s_voh, s_vol, s_vod,
     s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl,
@@ -415,11 +408,6 @@ def _attn_fwd_staged(
         if RT == 2:
             qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
                           other=0.0).to(tl.float32) * bias_unit
-        # kc: 1 where k_bias's column is constant along the keys (computed on the device by the wrapper)
-        use0 = tl.load(kc_ptr + b * s_kcb + hk * s_kch) == 0
-        use1 = use0
-        if RT == 2:
-            use1 = tl.load(kc_ptr + b * s_kcb + hk * s_kch + 1) == 0
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, D), dtype=tl.float32)
@@ -458,12 +446,10 @@ def _attn_fwd_staged(
                 k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
             if HAS_BIAS:
-                if RT <= 2:  # a factor constant along the keys adds a row constant: softmax drops it
-                    if use0:
-                        s += qb0[:, None] * kb0.to(tl.float32)[None, :]
+                if RT <= 2:
+                    s += qb0[:, None] * kb0.to(tl.float32)[None, :]
                     if RT == 2:
-                        if use1:
-                            s += qb1[:, None] * kb1.to(tl.float32)[None, :]
+                        s += qb1[:, None] * kb1.to(tl.float32)[None, :]
                 elif RT <= 8:
                     for r in tl.static_range(RT):
                         qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
@@ -659,12 +645,6 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         o, so = out, (out.stride(0), out.stride(1), out.stride(2), 0)
     kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
     dummy = q_scale
-    kc, kc_st = dummy, (0, 0)
-    if has_bias and rt <= 2:
-        # factors constant along the keys (ALiBi's [-j, 1]: its second column) add a per-row constant to the
-        # scores, which softmax cancels: the kernel skips them (flags on the device, no sync)
-        kc = (k_bias.amax(dim=2) == k_bias.amin(dim=2)).to(torch.int32).contiguous()
-        kc_st = (kc.stride(0), 0 if kc.shape[1] == 1 else kc.stride(1))
     if staged:
         k8, vo, vmax = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None)
         tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
@@ -680,9 +660,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                 vo_arg = TensorDescriptor(vo, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
         _attn_fwd_staged[(triton.cdiv(rows, bm), bsz * hkv)](
             q8, q_scale, k8_arg, k_scale, vo_arg, v_scale, vmax if pv_fp8 else dummy,
-            q_bias if has_bias else dummy, k_bias if has_bias else dummy, kc, out,
+            q_bias if has_bias else dummy, k_bias if has_bias else dummy, out,
             seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
-            lq, lk, sm_scale, window, *kc_st,
+            lq, lk, sm_scale, window,
             q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), *vo.stride(),
             *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))
@@ -705,9 +685,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         v_arg = TensorDescriptor(v, [bsz * hkv, lk, dh], [v.stride(1), v.stride(2), 1], [1, bn, dh])
     _attn_fwd[grid](
         q8, q_scale, k_arg, k_scale, k_zero if not sym else dummy, v_arg, v_scale, v_zero if not sym else dummy,
-        q_bias if has_bias else dummy, k_bias if has_bias else dummy, kc, o, lse,
+        q_bias if has_bias else dummy, k_bias if has_bias else dummy, o, lse,
         seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
-        lq, lk, sm_scale, window, *kc_st,
+        lq, lk, sm_scale, window,
         q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
         k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))

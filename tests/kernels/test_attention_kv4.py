@@ -286,8 +286,8 @@ def test_staged_ragged_batch_and_strided_out():
 
 @pytest.mark.parametrize("lq,lk,splits,staged", [(24, 24, 1, False), (40, 40, 1, True), (1, 45, 3, False)])
 def test_alibi_factors_in_kernel_equal_dense_bias(lq, lk, splits, staged):
-    """ALiBi's factors [-j, 1] have a column constant along the keys; the kernel drops that term (a row
-    constant under softmax): the result still matches the float64 attention with the dense ALiBi bias."""
+    """ALiBi through its R = 2 factors in the kernel (prefill, staged prefill, split decode) matches the
+    float64 attention with the dense ALiBi bias."""
     b, hq, hkv, d = 1, 4, 2, 64 if GPU else 32
     spec = KVSpec()
     q8, qs, qk, qv, _, _ = _case(b, hq, hkv, lq, lk, d, spec, seed=lq + lk)
