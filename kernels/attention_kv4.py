@@ -20,14 +20,21 @@ fp16 with V's integer codes (exact in fp16), into two accumulators (low-nibble a
 Online softmax in fp32 (exp2), the query's scale folded into the exponent's FMA. With SPLITS > 1 (decode),
 each split writes a partial output and its log-sum-exp, combined by a second small kernel.
 
+Staged prefill (staged=, default on the GPU for long queries; one scale a token): _stage_kv first writes
+the cache once as MMA-ready codes (K: FP8 (Lk, D); V: fp16 (Lk, D), or with pv_fp8 FP8 along tokens
+(D, Lk)), then _attn_fwd_staged runs the key loop on TMA-loaded tiles with no conversion: one FP8 product
+over the head for Q.K^T, P.V in fp16 or FP8 (P times V's scales over the head's largest V scale, times
+PV_RANGE, rounded to E4M3: the twin's rounding). H100: 0.79x SDPA (fp16 P.V) and 0.85x (FP8 P.V) against
+0.65x for the unstaged kernel (benchmarks/results/attn-staged-diag-h100.json).
+
 pv_fp8=True (one scale a token): P.V as an FP8 MMA instead. P times V's per-token scales over the
 running largest V scale (a scalar per program, rescaled with the running max) times PV_RANGE = 256 is
-rounded to E4M3, V's codes convert to FP8 (exact). Measured slower on the H100 at every config (prefill
-0.64-0.80x, decode 0.82-0.92x, benchmarks/results/attn-pvfp8-diag-h100.json) and 2.7% off the FP16
-result (P's 3 mantissa bits), so it is off by default: FP8 MMAs take their second operand K-major (keys
+rounded to E4M3, V's codes convert to FP8 (exact). 2.7% off the FP16 result (P's 3 mantissa bits), so it
+is off by default. In this (unstaged) kernel it is also slower (prefill 0.64-0.80x, decode 0.82-0.92x,
+benchmarks/results/attn-pvfp8-diag-h100.json): FP8 MMAs take their second operand K-major (keys
 contiguous) and V's tile here is channel-contiguous, so the converted tile is transposed through shared
-memory every step (8-bit types have no ldmatrix.trans). A cache layout with V packed along tokens would
-remove that; the twin is kv4_attention_ref(pv_fp8_scale=...).
+memory every step (8-bit types have no ldmatrix.trans); the staged prefill lays V out along tokens and
+gains from it. The twin is kv4_attention_ref(pv_fp8_scale=...).
 """
 
 from __future__ import annotations
