@@ -56,7 +56,8 @@ STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (point
 # they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
 UNSTAGED_TMA = True
 STAGED_WS = False  # Triton's warp specialization of the key loop (measured in attn-staged-diag-h100.json)
-PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
+PV_RANGE = tl.constexpr(256.0)
+STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
 
 @triton.jit
@@ -333,6 +334,10 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
+    if HAS_LENS:  # a ragged batch in a longer buffer (static cache): only whole key tiles the attention can
+        # read (its tiles start at multiples of BN <= STAGE_ALIGN) are staged
+        if pid_t * BT >= tl.cdiv(tl.load(lk_ptr + b), STAGE_ALIGN) * STAGE_ALIGN:
+            return
     tok = pid_t * BT + tl.arange(0, BT)
     ok = tok < Lk
     offs = tl.arange(0, D // 2)
@@ -522,7 +527,8 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
     float8 codes, vo, vmax) with vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
     (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
     the largest V scale of each head's valid keys (None without pv_fp8). Codes minus zero points: exact
-    small integers. Twin: reference.stage_kv_ref."""
+    small integers. With seqlens_k only the first seqlens_k[b] keys rounded up to STAGE_ALIGN are written
+    (the rest of a long static-cache buffer is never read). Twin: reference.stage_kv_ref."""
     bsz, hkv, lk, dh = k.shape
     d = 2 * dh
     dev = k.device
@@ -617,6 +623,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         splits = 1
         bm = block_m or STAGED_BM
         bn = block_n or (64 if d > 128 else STAGED_BN)
+        if bn > STAGE_ALIGN.value:
+            raise ValueError(f"kv4_attention_triton: staged key tiles of at most {STAGE_ALIGN.value}")
         num_warps = num_warps or STAGED_WARPS
         num_stages = num_stages or STAGED_STAGES
     else:

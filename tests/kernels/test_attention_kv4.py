@@ -307,3 +307,29 @@ def test_alibi_factors_in_kernel_equal_dense_bias(lq, lk, splits, staged):
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
     assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
+
+
+def test_staged_long_buffer_stages_only_the_used_keys():
+    """A ragged batch in a long buffer (a static cache): staging writes each sequence's keys rounded up to
+    STAGE_ALIGN and the staged attention equals the unstaged one."""
+    from fireq_kernels.attention_kv4 import STAGE_ALIGN
+
+    b, hq, hkv, lq, lk, d = 3, 2, 1, 20, 600, 64 if GPU else 32
+    spec = KVSpec()
+    q8, qs, qk, qv, _, _ = _case(b, hq, hkv, lq, lk, d, spec, seed=5)
+    lens_q = torch.tensor([20, 9, 3], dtype=torch.int32)
+    lens_k = torch.tensor([560, 100, 3], dtype=torch.int32)
+    k8, vo, _ = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), seqlens_k=lens_k.to(DEV))
+    want = stage_kv_ref(qk.packed, qv.packed, qv.scales)
+    for i in range(b):
+        n = min(lk, -(-int(lens_k[i]) // STAGE_ALIGN.value) * STAGE_ALIGN.value)
+        assert torch.equal(k8[i, :, :n].cpu().float(), want[0][i, :, :n].float())
+        assert torch.equal(vo[i, :, :n].cpu().float(), want[1][i, :, :n].float())
+    ops = (q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV), qv.packed.to(DEV),
+           qv.scales.to(DEV), 1 / math.sqrt(d))
+    args = dict(causal=True, out_dtype=torch.float32, block_m=16, block_n=16 if not GPU else 64,
+                seqlens_q=lens_q.to(DEV), seqlens_k=lens_k.to(DEV), splits=1)
+    a = kv4_attention_triton(*ops, staged=False, **args).cpu()
+    got = kv4_attention_triton(*ops, staged=True, **args).cpu()
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, a, rtol=2e-3, atol=2e-3)
