@@ -1,5 +1,6 @@
 """The attention glue's kernel path (_kernel_forward: K/V and query quantization, kernel call, output layout),
-run in the Triton interpreter on the CPU, against the reference path of fireq_attention_forward."""
+in the Triton interpreter on the CPU or natively on an FP8 GPU, against the reference path of
+fireq_attention_forward."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from torch import nn
 from fireq.formats.kv import KVSpec
 from fireq.nn import attention
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="runs the Triton path in the interpreter")
+GPU = (os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+       and torch.cuda.get_device_capability() >= (8, 9))
+DEV = "cuda" if GPU else "cpu"
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not GPU,
+                                reason="runs the Triton path in the interpreter or on an FP8 GPU")
 
 
 @pytest.mark.parametrize("lq,lk", [(7, 7), (1, 13)])
@@ -23,12 +27,12 @@ def test_kernel_path_matches_reference(lq, lk):
     mod.num_key_value_groups = 2  # (transformers' SDPA path repeats K/V by it)
     attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=False), True))
     g = torch.Generator().manual_seed(lq + lk)
-    q = torch.randn(2, 4, lq, 32, generator=g)
-    k = torch.randn(2, 2, lk, 32, generator=g)
-    v = torch.randn(2, 2, lk, 32, generator=g)
+    q = torch.randn(2, 4, lq, 32, generator=g).to(DEV)
+    k = torch.randn(2, 2, lk, 32, generator=g).to(DEV)
+    v = torch.randn(2, 2, lk, 32, generator=g).to(DEV)
     mask = None
     if lq != lk:  # decode against a longer context: the reference needs the causal offset as a mask
-        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)[None, None]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=DEV).tril(lk - lq)[None, None]
     ref, _ = attention.fireq_attention_forward(mod, q, k, v, mask, scaling=32 ** -0.5)
     got, _ = attention._kernel_forward(mod, q, k, v, 32 ** -0.5, mod.fireq_attn, {})
     assert got.shape == ref.shape == (2, lq, 4, 32) and got.is_contiguous()
@@ -42,9 +46,9 @@ def test_kernel_path_over_static_cache():
     mod.num_key_value_groups = 2
     attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=False), True))
     g = torch.Generator().manual_seed(3)
-    k = torch.randn(2, 2, 11, 32, generator=g)
-    v = torch.randn(2, 2, 11, 32, generator=g)
-    q = torch.randn(2, 4, 1, 32, generator=g)
+    k = torch.randn(2, 2, 11, 32, generator=g).to(DEV)
+    v = torch.randn(2, 2, 11, 32, generator=g).to(DEV)
+    q = torch.randn(2, 4, 1, 32, generator=g).to(DEV)
     outs = []
     for max_len in (None, 24):
         layer = attention._make_layer_class()(mod, max_len)
