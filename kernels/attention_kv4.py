@@ -50,12 +50,10 @@ from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 # staged prefill defaults (H100: benchmarks/results/attn-staged-diag-h100.json)
 STAGED_BM, STAGED_BN, STAGED_WARPS, STAGED_STAGES = 64, 128, 4, 2
-STAGED_EXP = 0  # 0: exp2 on the special-function unit, 1: _exp2_fma (2: diagnostics)
 STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (pointer loads otherwise)
 # the decode kernel's code tiles by descriptors (one group a token, sm_90+): asymmetric caches only, where
 # they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
 UNSTAGED_TMA = True
-STAGED_WS = False  # Triton's warp specialization of the key loop (measured in attn-staged-diag-h100.json)
 PV_RANGE = tl.constexpr(256.0)
 STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
@@ -95,6 +93,85 @@ def _block_ranges(pid_m, split, b, hk, lq_ptr, lk_ptr, Lq, Lk, window, REP: tl.c
 
 
 @triton.jit
+def _bias_rows(qb_ptr, b, hq, qpos, row_ok, bias_unit, s_qbb, s_qbh, s_qbl,
+               BM: tl.constexpr, R: tl.constexpr, RT: tl.constexpr):
+    """The query side of the bias factors, in the units of the unscaled scores: (qb0, qb1) for R <= 2 (kept
+    in registers), the (BM, R) tile for R > 8 (an MMA); the unused ones are zeros the compiler drops."""
+    qb0 = tl.zeros((BM,), dtype=tl.float32)
+    qb1 = qb0
+    qbias = tl.zeros((BM, R), dtype=tl.float32)
+    qrow = qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl
+    if RT <= 2:
+        qb0 = tl.load(qrow, mask=row_ok, other=0.0).to(tl.float32) * bias_unit
+        qb1 = qb0
+        if RT == 2:
+            qb1 = tl.load(qrow + 1, mask=row_ok, other=0.0).to(tl.float32) * bias_unit
+    elif RT > 8:
+        offs_r = tl.arange(0, R)
+        qbias = tl.load(qrow[:, None] + offs_r[None, :], mask=row_ok[:, None],
+                        other=0.0).to(tl.float32) * bias_unit[:, None]
+    return qb0, qb1, qbias
+
+
+@triton.jit
+def _bias_keys(kb_ptr, b, hk, kpos, k_ok, s_kbb, s_kbh, s_kbl, RT: tl.constexpr):
+    """A key tile's factors for R <= 2 (loaded at the top of the iteration, so their latency hides); for a
+    larger R _add_bias loads them itself and these are zeros the compiler drops."""
+    kb0 = tl.zeros(kpos.shape, dtype=tl.float32)
+    kb1 = kb0
+    if RT <= 2:
+        krow = kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl
+        kb0 = tl.load(krow, mask=k_ok, other=0.0).to(tl.float32)
+        kb1 = kb0
+        if RT == 2:
+            kb1 = tl.load(krow + 1, mask=k_ok, other=0.0).to(tl.float32)
+    return kb0, kb1
+
+
+@triton.jit
+def _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok, bias_unit,
+              s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R: tl.constexpr, RT: tl.constexpr):
+    """s + q_bias k_bias^T for one (BM, BN) tile, in fp32: factors like ALiBi's slope * [1, i] and [-j, 1]
+    cancel to slope * (i - j)."""
+    if RT <= 2:
+        s += qb0[:, None] * kb0[None, :]
+        if RT == 2:
+            s += qb1[:, None] * kb1[None, :]
+    elif RT <= 8:  # a few rank-1 updates of the score tile
+        for r in tl.static_range(RT):
+            qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok, other=0.0).to(tl.float32)
+            kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok, other=0.0).to(tl.float32)
+            s += (qbr * bias_unit)[:, None] * kbr[None, :]
+    else:
+        offs_r = tl.arange(0, R)
+        kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
+                        mask=k_ok[:, None], other=0.0).to(tl.float32)
+        s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee")
+    return s
+
+
+@triton.jit
+def _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """The masks (MASKED: the causal diagonal, the window, the ragged ends; otherwise every key of the tile
+    is visible to every row and every score finite) and the new running max in log2 units: (s, m_new, m_safe)
+    with m_safe = 0 for rows that have seen no key yet."""
+    if MASKED:
+        keep = k_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (kpos[None, :] <= abs_q[:, None])
+        if window > 0:
+            keep = keep & (kpos[None, :] > abs_q[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        m_safe = m_new
+    return s, m_new, m_safe
+
+
+@triton.jit
 def _attn_fwd(
     q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
     out_ptr, lse_ptr, lq_ptr, lk_ptr,
@@ -127,17 +204,8 @@ def _attn_fwd(
     bias_unit = LOG2E / qk_scale  # a bias term in the units of the unscaled scores
     offs_gh = tl.arange(0, G // 2)
     offs_dh = tl.arange(0, D // 2)
-    if HAS_BIAS and RT > 8:
-        offs_r = tl.arange(0, R)
-        qbias = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
-                        mask=row_ok[:, None], other=0.0).to(tl.float32) * bias_unit[:, None]
-
-    if HAS_BIAS and RT <= 2:  # ALiBi-sized factors: the query side stays in registers (score units)
-        qb0 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl, mask=row_ok, other=0.0).to(tl.float32) * bias_unit
-        qb1 = qb0
-        if RT == 2:
-            qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
-                          other=0.0).to(tl.float32) * bias_unit
+    if HAS_BIAS:
+        qb0, qb1, qbias = _bias_rows(qb_ptr, b, hq, qpos, row_ok, bias_unit, s_qbb, s_qbh, s_qbl, BM, R, RT)
     if NG == 1:  # the query tile stays in registers for the whole key loop
         qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
         q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
@@ -169,11 +237,8 @@ def _attn_fwd(
             if NG == 1:
                 ksc1 = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
                 vsc1 = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
-            if HAS_BIAS and RT <= 2:
-                kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0)
-                kb1 = kb0
-                if RT == 2:
-                    kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok, other=0.0)
+            if HAS_BIAS:
+                kb0, kb1 = _bias_keys(kb_ptr, b, hk, kpos, k_ok, s_kbb, s_kbh, s_kbl, RT)
             s = tl.zeros((BM, BN), dtype=tl.float32)
             for gi in tl.static_range(NG):
                 # byte j of group gi holds channels gi*G + j (low nibble) and gi*G + G/2 + j (high): two
@@ -208,34 +273,9 @@ def _attn_fwd(
                     ksc = tl.load(ks_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0.0).to(tl.float32)
                 s += sg * ksc[None, :]
             if HAS_BIAS:
-                # fp32 products: factors like ALiBi's slope * [1, i] and [-j, 1] cancel to slope * (i - j)
-                if RT <= 2:
-                    s += qb0[:, None] * kb0.to(tl.float32)[None, :]
-                    if RT == 2:
-                        s += qb1[:, None] * kb1.to(tl.float32)[None, :]
-                elif RT <= 8:  # a few rank-1 updates of the score tile
-                    for r in tl.static_range(RT):
-                        qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
-                                      other=0.0).to(tl.float32)
-                        kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
-                                      other=0.0).to(tl.float32)
-                        s += (qbr * bias_unit)[:, None] * kbr[None, :]
-                else:
-                    kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
-                                    mask=k_ok[:, None], other=0.0).to(tl.float32)
-                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee")
-            if phase == 1:
-                keep = k_ok[None, :] & row_ok[:, None]
-                if CAUSAL:
-                    keep = keep & (kpos[None, :] <= abs_q[:, None])
-                if window > 0:
-                    keep = keep & (kpos[None, :] > abs_q[:, None] - window)
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:  # every key of the tile is visible to every row: no mask, every score finite
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-                m_safe = m_new
+                s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
+                              bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
+            s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -370,19 +410,6 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x for x <= 0 on the FMA pipes instead of the special-function unit (which issues 16 a clock an
-    SM against 128 FMAs): 2^floor(x) * P(frac) with a cubic P (relative error 1.7e-4, far below FP8 P's
-    rounding); x < -126 (and -inf) gives 0."""
-    xc = tl.maximum(x, -126.0)
-    xi = tl.floor(xc)
-    f = xc - xi
-    p = 1.0 + f * (0.69503617 + f * (0.22830825 + f * 0.07632546))
-    y = (p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x < -126.0, 0.0, y)
-
-
-@triton.jit
 def _attn_fwd_staged(
     q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, out_ptr, lq_ptr, lk_ptr,
     Lq, Lk, sm_scale, window,
@@ -392,7 +419,7 @@ def _attn_fwd_staged(
     s_ob, s_oh, s_ol,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
-    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, WS: tl.constexpr, EXP: tl.constexpr, TMA: tl.constexpr,
+    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
@@ -410,16 +437,8 @@ def _attn_fwd_staged(
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    if HAS_BIAS and RT > 8:
-        offs_r = tl.arange(0, R)
-        qbias = tl.load(qb_ptr + b * s_qbb + hq[:, None] * s_qbh + qpos[:, None] * s_qbl + offs_r[None, :],
-                        mask=row_ok[:, None], other=0.0).to(tl.float32) * bias_unit[:, None]
-    if HAS_BIAS and RT <= 2:
-        qb0 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl, mask=row_ok, other=0.0).to(tl.float32) * bias_unit
-        qb1 = qb0
-        if RT == 2:
-            qb1 = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + 1, mask=row_ok,
-                          other=0.0).to(tl.float32) * bias_unit
+    if HAS_BIAS:
+        qb0, qb1, qbias = _bias_rows(qb_ptr, b, hq, qpos, row_ok, bias_unit, s_qbb, s_qbh, s_qbl, BM, R, RT)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, D), dtype=tl.float32)
@@ -437,16 +456,13 @@ def _attn_fwd_staged(
         else:
             p_lo = k_full
             p_hi = k_hi
-        for start in tl.range(p_lo, p_hi, BN, warp_specialize=WS):
+        for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
             ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_BIAS and RT <= 2:
-                kb0 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl, mask=k_ok, other=0.0)
-                kb1 = kb0
-                if RT == 2:
-                    kb1 = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + 1, mask=k_ok, other=0.0)
+            if HAS_BIAS:
+                kb0, kb1 = _bias_keys(kb_ptr, b, hk, kpos, k_ok, s_kbb, s_kbh, s_kbl, RT)
             if not TMA:
                 kp = k8_base + kpos[:, None] * D + offs_d[None, :]
                 vp = vo_base + kpos[:, None] * s_vol + offs_d[None, :] * s_vod
@@ -458,40 +474,11 @@ def _attn_fwd_staged(
                 k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
             if HAS_BIAS:
-                if RT <= 2:
-                    s += qb0[:, None] * kb0.to(tl.float32)[None, :]
-                    if RT == 2:
-                        s += qb1[:, None] * kb1.to(tl.float32)[None, :]
-                elif RT <= 8:
-                    for r in tl.static_range(RT):
-                        qbr = tl.load(qb_ptr + b * s_qbb + hq * s_qbh + qpos * s_qbl + r, mask=row_ok,
-                                      other=0.0).to(tl.float32)
-                        kbr = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos * s_kbl + r, mask=k_ok,
-                                      other=0.0).to(tl.float32)
-                        s += (qbr * bias_unit)[:, None] * kbr[None, :]
-                else:
-                    kbias = tl.load(kb_ptr + b * s_kbb + hk * s_kbh + kpos[:, None] * s_kbl + offs_r[None, :],
-                                    mask=k_ok[:, None], other=0.0).to(tl.float32)
-                    s += tl.dot(qbias, tl.trans(kbias), input_precision="ieee")
-            if phase == 1:
-                keep = k_ok[None, :] & row_ok[:, None]
-                if CAUSAL:
-                    keep = keep & (kpos[None, :] <= abs_q[:, None])
-                if window > 0:
-                    keep = keep & (kpos[None, :] > abs_q[:, None] - window)
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-                m_safe = m_new
+                s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
+                              bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
+            s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
             alpha = tl.exp2(m_i - m_safe)
-            if EXP == 0:
-                p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
-            elif EXP == 1:
-                p = _exp2_fma(s * qk_scale[:, None] - m_safe[:, None])
-            else:  # diagnostics only (wrong values): the loop without any exponential
-                p = tl.maximum(s * qk_scale[:, None] - m_safe[:, None] + 1.0, 0.0)
+            p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
             m_i = m_new
@@ -684,7 +671,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                                                                   if has_bias else (0, 0, 0)),
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
-            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, WS=STAGED_WS, EXP=STAGED_EXP, TMA=tma, num_warps=num_warps,
+            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)

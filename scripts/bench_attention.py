@@ -136,7 +136,7 @@ def run_format(args, env, dev, spec, rows, pv_fp8=False):
         # staged: the pass reads the codes (+ zero points) and writes K as FP8 and V as fp16 (FP8) codes once;
         # each query block (causal: ~half of them a key) then reads those and the two fp8 scales a token
         vb = 128 if pv_fp8 else 256
-        stage_bytes = 32 * S * (2 * 64 + (0 if sym else 2) + 128 + vb + (0 if pv_fp8 else 0))
+        stage_bytes = 32 * S * (2 * 64 + (0 if sym else 2) + 128 + vb)
         kv_bytes = stage_bytes + 32 * S * (128 + vb + 2) * tiles_q / 2
         q_o_bytes = 32 * S * 128 * (1 + 2) + 32 * S * 4
         onchip = (bm * 128 + bn * (128 + vb) + bm * bn * 4 + bm * 128 * 4)  # Q fp8, K/V tiles, S fp32, acc fp32

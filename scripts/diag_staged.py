@@ -21,13 +21,14 @@ from _bench_util import bench_graph, env_info, geomean, table, write_json  # noq
 
 UNSTAGED = ((64, 128, 4, 3),)
 CFGS = ((64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3))
-# (name, staged, pv_fp8, exp mode (0 MUFU, 1 FMA polynomial, 2 none: diagnostics), warp_specialize, TMA, configs)
-VARIANTS = (("unstaged", False, False, 0, False, False, UNSTAGED),
-            ("staged_pv16_ptr", True, False, 0, False, False, ((128, 64, 4, 3),)),
-            ("staged_pv16_tma", True, False, 0, False, True, CFGS),
-            ("staged_pv8_ptr", True, True, 0, False, False, ((64, 128, 4, 3),)),
-            ("staged_pv8_tma", True, True, 0, False, True, CFGS),
-            ("staged_pv8_tma_ws", True, True, 0, True, True, ((64, 128, 4, 3), (128, 128, 8, 2))))
+# (name, staged, pv_fp8, TMA, configs). The exponential variants of attn-staged-exp-diag-h100.json (a
+# polynomial exp2 on the FMA pipes, no exponential at all) and Triton's warp_specialize were measured with
+# switches of _attn_fwd_staged that were removed afterwards (STAGED_EXP, STAGED_WS at commit a91eb22).
+VARIANTS = (("unstaged", False, False, False, UNSTAGED),
+            ("staged_pv16_ptr", True, False, False, ((128, 64, 4, 3),)),
+            ("staged_pv16_tma", True, False, True, CFGS),
+            ("staged_pv8_ptr", True, True, False, ((64, 128, 4, 3),)),
+            ("staged_pv8_tma", True, True, True, CFGS))
 
 
 def main():
@@ -78,14 +79,14 @@ def main():
 
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)])
             flops = 4 * S * S * 128 * 32 / 2
-            for variant, st, pv8, exp, ws, tma, cfgs in VARIANTS:
+            for variant, st, pv8, tma, cfgs in VARIANTS:
                 cand = cfgs if (S == 8192 or variant not in best) else [best[variant]]
                 res = []
                 for cfg in cand:
                     bm, bn, w, stg = cfg
 
-                    def f(bm=bm, bn=bn, w=w, stg=stg, pv8=pv8, st=st, exp=exp, ws=ws, tma=tma):
-                        ak.STAGED_EXP, ak.STAGED_WS, ak.STAGED_TMA = exp, ws, tma
+                    def f(bm=bm, bn=bn, w=w, stg=stg, pv8=pv8, st=st, tma=tma):
+                        ak.STAGED_TMA = tma
                         return kv4_attention_triton(*ops, **kw, block_m=bm, block_n=bn, num_warps=w,
                                                     num_stages=stg, pv_fp8=pv8, staged=st)
                     try:
