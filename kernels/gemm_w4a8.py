@@ -63,6 +63,10 @@ def gemm_configs(m: int, n: int, k: int, group: int, kernel_layout: bool = False
     base = _gemm_configs(m, n, k, group)
     gemv = [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=4)
             for bn in (8, 16, 32) for bk in (256, 512) for sk in (1, 2, 4, 8)] if m == 1 else []
+    # wide K tiles, no pipelining: each program's row block is a few long loads in flight at once (the
+    # H100 winners at M = 1 for K = 4096, benchmarks/results/gemm-decode-gemv-diag-h100.json)
+    gemv += [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=1)
+             for bn in (4, 8, 16) for bk in (1024, 2048) for sk in (1, 2) for w in (4, 8)] if m == 1 else []
     return gemv + base + ([] if kernel_layout else [dict(c, DEQ16=True) for c in base])
 
 
@@ -92,11 +96,14 @@ def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
 def default_config(m: int, n: int, k: int, group: int) -> dict:
     """A reasonable config without tuning."""
     bk = 128 if group in (-1, 0) or group >= 128 else group
-    if m == 1:  # one token: the CUDA-core GEMV (H100 winners: BN 16, BK 512)
-        tiles, split, k_tiles = triton.cdiv(n, 16), 1, triton.cdiv(k, 512)
-        while tiles * split < 264 and split < 8 and k_tiles >= 2 * split:
+    if m == 1:  # one token: the CUDA-core GEMV over wide K tiles (H100 winners: BN 4-8, BK 2048, no split)
+        wide = max(bk, min(2048, triton.next_power_of_2(k)))
+        if per_tile_group_ok(wide, group):
+            bk = wide
+        tiles, split, k_tiles = triton.cdiv(n, 8), 1, triton.cdiv(k, bk)
+        while tiles * split < 512 and split < 8 and k_tiles >= 2 * split:
             split *= 2
-        return dict(GEMV=True, BN=16, BK=512, SPLIT_K=split, num_warps=4, num_stages=4)
+        return dict(GEMV=True, BN=8, BK=bk, SPLIT_K=split, num_warps=4, num_stages=1)
     if m <= 64:
         bm = max(16, min(64, triton.next_power_of_2(m)))
         tiles = triton.cdiv(n, 128)
@@ -107,6 +114,11 @@ def default_config(m: int, n: int, k: int, group: int) -> dict:
     # large M: the SWAP schedule too (the converted weights stay the register-side operand; the H100
     # winner at every M >= 1024 of benchmarks/results/gemm-h100.json)
     return dict(SWAP=True, BM=128, BN=128, BK=bk, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def per_tile_group_ok(bk: int, group: int) -> bool:
+    """Whether a K tile of bk channels holds whole groups or lies in one (what the kernels assume)."""
+    return group in (-1, 0) or (bk % group == 0 if bk >= group else group % bk == 0)
 
 
 _TUNED: dict[str, dict] = {}

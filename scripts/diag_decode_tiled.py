@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--streamk", action="store_true", help="time the stream-K kernel against the tiled split-K")
     ap.add_argument("--tma", action="store_true", help="TMA descriptor loads (row-major and tiled) + read roofs")
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch with an L2 prefetch")
+    ap.add_argument("--gemv", action="store_true", help="the shipped CUDA-core GEMV (M = 1) with wide K tiles")
     args = ap.parse_args()
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, _tile_counters, load_tuned, pick_config,
                                          quantize_fp8_rows_triton, repack_half, w4a8_gemm_triton)
@@ -230,7 +231,10 @@ def main() -> None:
     t_empty = bench_graph([lambda: _empty[(132,)](dummy) for _ in range(8)])
     print(f"empty kernel in a graph: {t_empty * 1e3:.2f} us", flush=True)
     bns = (64, 128) if args.quick else (32, 64, 128)
-    if args.pdl:
+    if args.gemv:
+        cfgs = [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+                for bn, bk, sk, w, st in itertools.product((4, 8, 16), (1024, 2048), (1, 2), (4, 8), (1,))]
+    elif args.pdl:
         cfgs = [dict(TILED=False, PDL=pdl, BN=bn, SPLIT_K=sk, num_stages=st, num_warps=4)
                 for pdl, bn, sk, st in itertools.product((False, True), (32, 64, 128), (1, 2, 4, 8), (3, 4))]
     elif args.tma:
@@ -323,6 +327,14 @@ def main() -> None:
                                               ABL=cfg["ABL"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
                 def launch(i, o, cfg=cfg, bn=bn, sk=sk, part=part):
+                    if cfg.get("GEMV"):
+                        xq, xsc = xs[i % 4]
+                        h = half[i]
+                        r = w4a8_gemm_triton(xq, xsc, h[0], h[1], h[2], 128, out_dtype=o.dtype, config=dict(cfg),
+                                             layout_block=128)
+                        if o is out32:  # the correctness call (timed calls keep their own output)
+                            o.copy_(r)
+                        return r
                     if cfg.get("STREAMK"):
                         return launch_sk(i, o)
                     w, s = (tiled[bn][i][0], tiled[bn][i][1]) if cfg["TILED"] else (half[i][0], half[i][1])
@@ -346,6 +358,15 @@ def main() -> None:
                     print(f"  failed {cfg}: {type(ex).__name__} {str(ex)[:200]}", flush=True)
                     continue
                 res.append((t, cfg, e))
+            if args.gemv:
+                row = dict(N=n, K=k, M=m, bf16_us=t_bf16 * 1e3, fp8_us=t_fp8 * 1e3, shipped_us=t_cur * 1e3)
+                t, c, e = min(res, key=lambda x: x[0])
+                row.update(gemv_us=t * 1e3, gemv_cfg=c, gemv_err=e, err_twin=e_twin, gemv_vs_bf16=t_bf16 / t,
+                           gemv_vs_fp8=t_fp8 / t, top=[(round(x[0] * 1e3, 2), x[1]) for x in sorted(
+                               res, key=lambda x: x[0])[:5]])
+                rows.append(row)
+                print({a: (round(b, 2) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
+                continue
             if args.pdl:
                 row = dict(N=n, K=k, M=m, bf16_us=t_bf16 * 1e3, fp8_us=t_fp8 * 1e3, shipped_us=t_cur * 1e3)
                 for fam, pdl in (("nopdl", False), ("pdl", True)):
@@ -417,6 +438,11 @@ def main() -> None:
                   f"top {row['top'][:3]}", flush=True)
         del qws, half, tiled, wb, w8
         torch.cuda.empty_cache()
+    if args.gemv:
+        print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "shipped_us", "gemv_us", "gemv_vs_bf16", "gemv_vs_fp8"]))
+        write_json(args.json, dict(env=env, rows=rows, empty_kernel_us=t_empty * 1e3,
+                                   note="the shipped GEMV kernel (M = 1) with K tiles up to 2048"))
+        return
     if args.pdl:
         print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "shipped_us", "nopdl_us", "pdl_us", "pdl_vs_bf16",
                            "pdl_vs_fp8"]))

@@ -136,6 +136,8 @@ HALF_CASES = [
     (19, 64, 640, 128, 128, _cfg(False, 1, 128)),
     (5, 64, 576, 64, 64, _cfg(True, 2, 64)),
     (70, 128, 384, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),
+    # wide K tiles (16 groups a tile), no pipelining, ragged last block
+    (1, 40, 2500, 128, 128, dict(GEMV=True, BN=4, BK=2048, SPLIT_K=1, num_warps=4, num_stages=1)),
 ]
 
 
@@ -171,6 +173,7 @@ EPI_CASES = [
     (20, 36, 192, 32, 0, _cfg(False, 1, 32)),  # plain schedule, checkpoint layout
     (19, 64, 256, -1, 64, _cfg(False, 1, 64)),  # per-channel
     (40, 80, 256, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),  # persistent
+    (1, 40, 1100, 128, 128, dict(GEMV=True, BN=4, BK=1024, SPLIT_K=2, num_warps=4, num_stages=1)),  # wide tiles
 ]
 
 
