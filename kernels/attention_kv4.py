@@ -25,7 +25,11 @@ the cache once as MMA-ready codes (K: FP8 (Lk, D); V: fp16 (Lk, D), or with pv_f
 (D, Lk)), then _attn_fwd_staged runs the key loop on TMA-loaded tiles with no conversion: one FP8 product
 over the head for Q.K^T, P.V in fp16 or FP8 (P times V's scales over the head's largest V scale, times
 PV_RANGE, rounded to E4M3: the twin's rounding). H100: 0.79x SDPA (fp16 P.V) and 0.85x (FP8 P.V) against
-0.65x for the unstaged kernel (benchmarks/results/attn-staged-diag-h100.json).
+0.65x for the unstaged kernel (benchmarks/results/attn-staged-diag-h100.json). Bias factors with R <= 2
+(ALiBi) are one more MMA there (BIAS_MMA): _split_bias_keys writes the key factors once as a (Lk, 16) bf16
+operand, each factor in three bf16 parts, the query side is built the same way per program, and the six
+partial products of each factor (hh, hm, mh, hl, lh, mm) accumulate onto the scores in fp32: the bias at
+fp32 accuracy with no per-score arithmetic (ALiBi overhead 1.26x -> 1.10x the no-bias time on the H100).
 
 pv_fp8=True (one scale a token): P.V as an FP8 MMA instead. P times V's per-token scales over the
 running largest V scale (a scalar per program, rescaled with the running max) times PV_RANGE = 256 is
@@ -54,6 +58,9 @@ STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (point
 # the decode kernel's code tiles by descriptors (one group a token, sm_90+): asymmetric caches only, where
 # they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
 UNSTAGED_TMA = True
+# staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
+# split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
+BIAS_MMA = True
 PV_RANGE = tl.constexpr(256.0)
 STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
@@ -410,6 +417,58 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
 
 
 @triton.jit
+def _split3(x):
+    """x (fp32) as three bf16 parts h + m + l (each residual exact in fp32): 24 significant bits."""
+    h = x.to(tl.bfloat16)
+    r = x - h.to(tl.float32)
+    m = r.to(tl.bfloat16)
+    return h, m, (r - m.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _bias_operand(f0, f1, QSIDE: tl.constexpr, BF16: tl.constexpr):
+    """(n, 16) bf16 MMA operand of two bias factors (n,) fp32: factor r in columns 6r..6r+5, the parts
+    (h, h, m, h, l, m) on the query side and (h, m, h, l, h, m) on the key side, so that the product sums
+    hh + hm + mh + hl + lh + mm of each factor (the dropped terms are below fp32's rounding); zeros after.
+    BF16 False (the interpreter, whose bf16 dot is not usable): the same values held in fp32."""
+    c = tl.arange(0, 16)[None, :]
+    part = c % 6
+    h0, m0, l0 = _split3(f0)
+    h1, m1, l1 = _split3(f1)
+    h = tl.where(c < 6, h0.to(tl.float32)[:, None], h1.to(tl.float32)[:, None])
+    m = tl.where(c < 6, m0.to(tl.float32)[:, None], m1.to(tl.float32)[:, None])
+    lo = tl.where(c < 6, l0.to(tl.float32)[:, None], l1.to(tl.float32)[:, None])
+    if QSIDE:
+        v = tl.where((part == 2) | (part == 5), m, tl.where(part == 4, lo, h))
+    else:
+        v = tl.where((part == 1) | (part == 5), m, tl.where(part == 3, lo, h))
+    v = tl.where(c < 12, v, 0.0)
+    if BF16:
+        v = v.to(tl.bfloat16)
+    return v
+
+
+@triton.jit
+def _split_bias_keys(kb_ptr, out_ptr, L, s_kbb, s_kbh, s_kbl, RT: tl.constexpr, BT: tl.constexpr,
+                     BF16: tl.constexpr):
+    """k_bias (Bk, Hk, L, R <= 2) -> the key-side bf16 operand (Bk, Hk, L, 16) of the bias MMA; grid
+    (L / BT, Bk, Hk)."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    ok = t < L
+    row = kb_ptr + b * s_kbb + h * s_kbh + t * s_kbl
+    f0 = tl.load(row, mask=ok, other=0.0).to(tl.float32)
+    f1 = tl.zeros_like(f0)
+    if RT == 2:
+        f1 = tl.load(row + 1, mask=ok, other=0.0).to(tl.float32)
+    v = _bias_operand(f0, f1, False, BF16)
+    bh = b * tl.num_programs(2) + h
+    o = out_ptr + (bh.to(tl.int64) * L + t[:, None]) * 16 + tl.arange(0, 16)[None, :]
+    tl.store(o, v, mask=ok[:, None])
+
+
+@triton.jit
 def _attn_fwd_staged(
     q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, out_ptr, lq_ptr, lk_ptr,
     Lq, Lk, sm_scale, window,
@@ -419,11 +478,13 @@ def _attn_fwd_staged(
     s_ob, s_oh, s_ol,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
-    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr,
+    PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, BIAS_MMA: tl.constexpr,
+    BIAS_BF16: tl.constexpr,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
-    with V along tokens. Same masks, bias and softmax as _attn_fwd; one split."""
+    with V along tokens. Same masks, bias and softmax as _attn_fwd; one split. BIAS_MMA (R <= 2): kb_ptr
+    is _split_bias_keys's (Bk, Hk, Lk, 16) operand and the bias is a bf16 MMA chained onto the scores."""
     REP: tl.constexpr = HQ // HKV
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first (shorter tail)
     bh = tl.program_id(1)
@@ -439,6 +500,10 @@ def _attn_fwd_staged(
                 mask=row_ok[:, None], other=0.0)
     if HAS_BIAS:
         qb0, qb1, qbias = _bias_rows(qb_ptr, b, hq, qpos, row_ok, bias_unit, s_qbb, s_qbh, s_qbl, BM, R, RT)
+        if BIAS_MMA:
+            qmat = _bias_operand(qb0, qb1 if RT == 2 else tl.zeros_like(qb0), True, BIAS_BF16)
+            offs_c = tl.arange(0, 16)
+            kb_base = kb_ptr + b * s_kbb + hk * s_kbh
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, D), dtype=tl.float32)
@@ -462,7 +527,10 @@ def _attn_fwd_staged(
             ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                kb0, kb1 = _bias_keys(kb_ptr, b, hk, kpos, k_ok, s_kbb, s_kbh, s_kbl, RT)
+                if BIAS_MMA:
+                    kmat = tl.load(kb_base + kpos[:, None] * s_kbl + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+                else:
+                    kb0, kb1 = _bias_keys(kb_ptr, b, hk, kpos, k_ok, s_kbb, s_kbh, s_kbl, RT)
             if not TMA:
                 kp = k8_base + kpos[:, None] * D + offs_d[None, :]
                 vp = vo_base + kpos[:, None] * s_vol + offs_d[None, :] * s_vod
@@ -474,8 +542,14 @@ def _attn_fwd_staged(
                 k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
             if HAS_BIAS:
-                s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
-                              bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
+                if BIAS_MMA:
+                    if BIAS_BF16:
+                        s = tl.dot(qmat, tl.trans(kmat), s)
+                    else:
+                        s = tl.dot(qmat, tl.trans(kmat), s, input_precision="ieee")
+                else:
+                    s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
+                                  bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
             s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
@@ -660,18 +734,30 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                 vo_arg = TensorDescriptor(vo.transpose(2, 3), [bsz * hkv, d, lk], [st[1], st[3], 1], [1, d, bn])
             else:
                 vo_arg = TensorDescriptor(vo, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
+        bias_mma = BIAS_MMA and has_bias and rt <= 2
+        if bias_mma:  # its (BN, 16) operand is one more tile a stage: with 3 stages (FP8 P.V's best) a program
+            num_stages = min(num_stages, 2)  # no longer leaves room for a second one an SM (1.8x slower, H100)
+        kb_arg, kb_strides = k_bias, ((k_bias.stride(0), kb_h, k_bias.stride(2)) if has_bias else (0, 0, 0))
+        if bias_mma:  # the key side of the bias as a bf16 MMA operand, once
+            bf16 = q8.is_cuda  # (the interpreter's bf16 dot is unusable: fp32 holds the same values there)
+            kbm = torch.empty((k_bias.shape[0], k_bias.shape[1], lk, 16),
+                              dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
+            _split_bias_keys[(triton.cdiv(lk, 128), k_bias.shape[0], k_bias.shape[1])](
+                k_bias, kbm, lk, k_bias.stride(0), k_bias.stride(1), k_bias.stride(2), RT=rt, BT=128, BF16=bf16)
+            kb_arg = kbm
+            kb_strides = (kbm.stride(0), 0 if kbm.shape[1] == 1 else kbm.stride(1), kbm.stride(2))
         _attn_fwd_staged[(triton.cdiv(rows, bm), bsz * hkv)](
             q8, q_scale, k8_arg, k_scale, vo_arg, v_scale, vmax if pv_fp8 else dummy,
-            q_bias if has_bias else dummy, k_bias if has_bias else dummy, out,
+            q_bias if has_bias else dummy, kb_arg if has_bias else dummy, out,
             seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
             lq, lk, sm_scale, window,
             q8.stride(0), q8.stride(1), q8.stride(2), q_scale.stride(0), q_scale.stride(1),
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), *vo.stride(),
-            *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *((k_bias.stride(0), kb_h, k_bias.stride(2))
-                                                                  if has_bias else (0, 0, 0)),
+            *(q_bias.stride()[:3] if has_bias else (0, 0, 0)), *kb_strides,
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
-            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, num_warps=num_warps,
+            PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, BIAS_MMA=bias_mma, BIAS_BF16=bias_mma and q8.is_cuda,
+            num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)

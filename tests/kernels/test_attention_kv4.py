@@ -253,7 +253,7 @@ def test_stage_kv_matches_twin(sym, pv_fp8):
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,causal,window,bias_r", [
     (1, 2, 2, 40, 40, True, 0, 0), (2, 4, 1, 33, 33, True, 0, 0), (1, 4, 2, 17, 30, False, 0, 0),
     (1, 2, 2, 36, 36, True, 9, 0), (1, 4, 2, 35, 35, True, 0, 2), (1, 4, 2, 19, 19, True, 0, 4),
-    (1, 4, 2, 18, 18, True, 0, 20)])
+    (1, 4, 2, 18, 18, True, 0, 20), (1, 4, 2, 21, 21, True, 0, 1)])
 def test_staged_prefill(pv_fp8, b, hq, hkv, lq, lk, causal, window, bias_r):
     """The staged prefill (cache staged once, plain loads in the loop) against float64, within 2x of the
     twin's error (the FP8 P.V twin rounds P against each head's largest V scale, as the kernel does)."""
@@ -307,6 +307,42 @@ def test_alibi_factors_in_kernel_equal_dense_bias(lq, lk, splits, staged):
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
     assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
+
+
+def test_bias_mma_key_operand_carries_the_factors_to_fp32_accuracy():
+    """The staged prefill's bias MMA operand: each key factor split into three bf16 parts, laid out so that
+    (h, h, m, h, l, m) . (h, m, h, l, h, m) sums the factor products; the parts add back to the fp32 factor
+    within 2^-24 relative, and the pairing reproduces q_bias k_bias^T to fp32 accuracy."""
+    import triton
+
+    from fireq_kernels.attention_kv4 import _split_bias_keys
+
+    g = torch.Generator().manual_seed(5)
+    lk = 77
+    kb = (torch.randn(2, 3, lk, 2, generator=g) * torch.tensor([3.0, 4000.0])).to(DEV)
+    out = torch.empty((2, 3, lk, 16), dtype=torch.bfloat16 if GPU else torch.float32, device=DEV)
+    _split_bias_keys[(triton.cdiv(lk, 32), 2, 3)](kb, out, lk, kb.stride(0), kb.stride(1), kb.stride(2), RT=2,
+                                                  BT=32, BF16=GPU)
+    o = out.double().cpu()
+    kbd = kb.double().cpu()
+    for r in range(2):
+        h, m, lo = o[..., 6 * r], o[..., 6 * r + 1], o[..., 6 * r + 3]
+        assert torch.equal(o[..., 6 * r + 2], h) and torch.equal(o[..., 6 * r + 4], h)
+        assert torch.equal(o[..., 6 * r + 5], m)
+        assert ((h + m + lo - kbd[..., r]).abs() <= kbd[..., r].abs() * 2.0**-24).all()
+    assert (o[..., 12:] == 0).all()
+    # the query side pairs (h, h, m, h, l, m): the six products of each factor
+    qf = torch.randn(5, 2, generator=g, dtype=torch.float64) * 100
+    qh = qf.float().bfloat16().double()
+    qm = (qf.float() - qh.float()).bfloat16().double()
+    ql = (qf.float() - qh.float() - qm.float()).bfloat16().double()
+    qmat = torch.zeros(5, 16, dtype=torch.float64)
+    for r in range(2):
+        for j, part in enumerate((qh, qh, qm, qh, ql, qm)):
+            qmat[:, 6 * r + j] = part[:, r]
+    got = qmat @ o[0, 0].t()
+    want = qf.float().double() @ kbd[0, 0].t()
+    assert ((got - want).abs() <= 1e-6 * (qf.abs() @ kbd[0, 0].abs().t())).all()
 
 
 def test_staged_long_buffer_stages_only_the_used_keys():
