@@ -668,8 +668,12 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     r, rt = 16, 0
     if has_bias:
         r0 = rt = q_bias.shape[-1]
-        if k_bias is None or k_bias.shape[-1] != r0 or k_bias.shape[1] not in (1, hkv):
-            raise ValueError("kv4_attention_triton: k_bias must be (B, Hkv or 1, Lk, R) matching q_bias's R")
+        if q_bias.dim() != 4 or q_bias.shape[:3] != (bsz, hq, lq):
+            raise ValueError(f"kv4_attention_triton: q_bias must be ({bsz}, {hq}, {lq}, R), got {tuple(q_bias.shape)}")
+        if (k_bias is None or k_bias.dim() != 4 or k_bias.shape[-1] != r0 or k_bias.shape[0] != bsz
+                or k_bias.shape[1] not in (1, hkv) or k_bias.shape[2] != lk):
+            raise ValueError(f"kv4_attention_triton: k_bias must be ({bsz}, {hkv} or 1, {lk}, {r0}) matching q_bias's "
+                             f"R, got {None if k_bias is None else tuple(k_bias.shape)}")
         r = max(16, triton.next_power_of_2(r0))
         if r != r0 and r0 > 8:
             q_bias = torch.nn.functional.pad(q_bias, (0, r - r0))

@@ -309,6 +309,18 @@ def test_alibi_factors_in_kernel_equal_dense_bias(lq, lk, splits, staged):
     assert err <= 2 * err_twin + P_RTOL, (err, err_twin)
 
 
+def test_bias_factor_shapes_are_checked():
+    """Bias factors of the wrong batch, heads or length are refused with one ValueError (not read past)."""
+    q8, qs, qk, qv, qb, kb = _case(1, 4, 2, 9, 9, 32, KVSpec(), 3, 2)
+    args = (q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV), qv.packed.to(DEV),
+            qv.scales.to(DEV), 0.1)
+    for bad_q, bad_k in ((qb[:, :2], kb), (qb, kb[..., :5, :]), (qb, torch.cat([kb, kb])), (qb, kb[..., :1])):
+        with pytest.raises(ValueError):
+            kv4_attention_triton(*args, q_bias=bad_q.to(DEV), k_bias=bad_k.to(DEV))
+    with pytest.raises(ValueError):
+        kv4_attention_triton(*args, q_bias=qb.to(DEV))
+
+
 def test_bias_mma_key_operand_carries_the_factors_to_fp32_accuracy():
     """The staged prefill's bias MMA operand: each key factor split into three bf16 parts, laid out so that
     (h, h, m, h, l, m) . (h, m, h, l, h, m) sums the factor products; the parts add back to the fp32 factor
