@@ -158,6 +158,18 @@ def _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpo
 
 
 @triton.jit
+def _phase_range(phase: tl.constexpr, k_lo, k_full, k_hi):
+    """The key range of a phase of the key loop: 0, the tiles every row of the block sees whole (no mask
+    arithmetic); 1, the rest (the causal diagonal, the window, the ragged ends)."""
+    p_lo = k_full
+    p_hi = k_hi
+    if phase == 0:
+        p_lo = k_lo
+        p_hi = k_full
+    return p_lo, p_hi
+
+
+@triton.jit
 def _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL: tl.constexpr,
                   MASKED: tl.constexpr):
     """The masks (MASKED: the causal diagonal, the window, the ragged ends; otherwise every key of the tile
@@ -230,12 +242,7 @@ def _attn_fwd(
     # two phases: key tiles that every row of the block sees whole (no mask arithmetic), then the rest
     # (the causal diagonal, the window, the ragged ends) with masks
     for phase in tl.static_range(2):
-        if phase == 0:
-            p_lo = k_lo
-            p_hi = k_full
-        else:
-            p_lo = k_full
-            p_hi = k_hi
+        p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
@@ -515,12 +522,7 @@ def _attn_fwd_staged(
         vo_base = vo_ptr + b.to(tl.int64) * s_vob + hk * s_voh
     sbase = b * s_ksb + hk * s_ksh
     for phase in tl.static_range(2):
-        if phase == 0:
-            p_lo = k_lo
-            p_hi = k_full
-        else:
-            p_lo = k_full
-            p_hi = k_hi
+        p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi

@@ -704,7 +704,7 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
     if m != 1:
         raise ValueError("the GEMV path takes one token (M = 1)")
     split, bn, bk = cfg["SPLIT_K"], cfg["BN"], cfg["BK"]
-    if not per_channel and bk > g and bk % g:
+    if not per_channel and not per_tile_group_ok(bk, g):
         raise ValueError(f"GEMV: BK={bk} must divide the group size {g} or be a multiple of it")
     out = torch.empty((1, n // 2 if epi else n), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(n, bn)
