@@ -58,6 +58,9 @@ STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (point
 # the decode kernel's code tiles by descriptors (one group a token, sm_90+): asymmetric caches only, where
 # they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
 UNSTAGED_TMA = True
+# split (decode) launches: Q.K^T as an fp16 MMA on fp16-converted key codes instead of FP8 (one cvt fewer
+# a pair of keys; measured by scripts/diag_decode_attn.py)
+DECODE_QK_F16 = False
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
 BIAS_MMA = True
@@ -202,7 +205,7 @@ def _attn_fwd(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr, TMA: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, QK_F16: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -273,11 +276,11 @@ def _attn_fwd(
                     kz = kc
                 else:
                     kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
-                if G // 2 >= 32:  # FP8 tensor cores (K >= 32 a product)
+                if G // 2 >= 32 and not QK_F16:  # FP8 tensor cores (K >= 32 a product)
                     ka, kb = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
                     sg = tl.dot(qa, tl.trans(ka))
                     sg = tl.dot(qb, tl.trans(kb), sg)
-                else:  # groups of 32: fp16 products over halves of 16 (FP8 values are exact in fp16)
+                else:  # groups of 32 (or QK_F16): fp16 products (FP8 values are exact in fp16)
                     ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
                     sg = tl.dot(qa.to(tl.float16), tl.trans(ka))
                     sg = tl.dot(qb.to(tl.float16), tl.trans(kb), sg)
@@ -789,7 +792,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
         HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma,
-        num_warps=num_warps, num_stages=num_stages,
+        QK_F16=DECODE_QK_F16 and splits > 1, num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out
