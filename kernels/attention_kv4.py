@@ -58,9 +58,10 @@ STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (point
 # the decode kernel's code tiles by descriptors (one group a token, sm_90+): asymmetric caches only, where
 # they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
 UNSTAGED_TMA = True
-# split (decode) launches: Q.K^T as an fp16 MMA on fp16-converted key codes instead of FP8 (one cvt fewer
-# a pair of keys; measured by scripts/diag_decode_attn.py)
-DECODE_QK_F16 = False
+# decode-sized row blocks (<= 16): Q.K^T as an fp16 MMA on fp16-converted key codes instead of FP8 (no cvt
+# to FP8; the same products, exact either way): +1-9% at decode on the H100, attn-decode-shape-diag-h100.json
+DECODE_QK_F16 = True
+DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp programs an SM on an H100)
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
 BIAS_MMA = True
@@ -700,6 +701,15 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     else:
         bm = block_m or (16 if rows <= 16 else 64)
         bn = block_n or (64 if d > 128 else 256 if bm <= 16 else 128)
+        blocks = triton.cdiv(rows, bm) * bsz * hkv
+        if (block_n is None and num_warps is None and splits is None and bm <= 16 and d <= 128
+                and blocks * min(64, lk // 256) >= DECODE_PROGRAMS):
+            # decode with keys enough for DECODE_PROGRAMS programs of at least two 128-key tiles: 2-warp
+            # programs, several an SM (H100: +4-16% over 16 x 256 keys / 4 warps, whose shape the few-long-
+            # sequence points keep; attn-decode-shape-diag-h100.json)
+            bn, num_warps, splits = 128, 2, 1
+            while blocks * splits < DECODE_PROGRAMS:
+                splits *= 2
         num_warps = num_warps or 4
         num_stages = num_stages or 3
     if splits is None:
@@ -792,7 +802,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
         HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma,
-        QK_F16=DECODE_QK_F16 and splits > 1, num_warps=num_warps, num_stages=num_stages,
+        QK_F16=DECODE_QK_F16 and bm <= 16, num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out

@@ -50,7 +50,8 @@ def _case(b, hq, hkv, lq, lk, d, spec, seed, bias_r=0):
     return q8, qs, qk, qv, qb, kb
 
 
-def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv_fp8=False, staged=None):
+def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv_fp8=False, staged=None,
+         tiles=True):
     if GPU:  # FP8 tensor-core products need >= 32 channels a group
         d = max(d, 64)
         if spec.group_size not in (-1, 0):
@@ -69,7 +70,8 @@ def _run(b, hq, hkv, lq, lk, d, spec, causal, window, splits, seed, bias_r=0, pv
     got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
                                qv.packed.to(DEV), qv.scales.to(DEV), scale, causal, window, dv(qk.zeros),
                                dv(qv.zeros), dv(qb), dv(kb), out_dtype=torch.float32, splits=splits,
-                               block_m=16, block_n=16 if not GPU else 64, pv_fp8=pv_fp8, staged=staged).cpu()
+                               block_m=16 if tiles else None, block_n=(16 if not GPU else 64) if tiles else None,
+                               pv_fp8=pv_fp8, staged=staged).cpu()
     assert torch.isfinite(got).all()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()
@@ -93,6 +95,16 @@ def test_attention_kv_formats(spec):
 def test_decode_split_kv(splits):
     _run(2, 8, 2, 1, 50, 32, KVSpec(), True, 0, splits, seed=splits)
     _run(1, 4, 1, 2, 45, 32, KVSpec(), True, 0, splits, seed=10 + splits)  # Lq = 2
+
+
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False)])
+def test_decode_default_program_shape(spec, monkeypatch):
+    # the wrapper's own decode choice (2-warp programs, 128-key tiles, splits up to DECODE_PROGRAMS), reached
+    # at a small size by lowering the program target; a ragged last tile (600 keys)
+    import fireq_kernels.attention_kv4 as ak
+
+    monkeypatch.setattr(ak, "DECODE_PROGRAMS", 8)
+    _run(2, 8, 2, 1, 600, 64, spec, True, 0, None, seed=21, tiles=False)
 
 
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(scale_dtype="bf16")])
