@@ -46,7 +46,6 @@ GEMM_TMA = False  # measured 7-8% slower at prefill with the pointer-tuned confi
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
 # order on the GPU, whatever the twin's FP32 error. (cuBLAS FP8 without split accumulation shares it.)
 FP8_MMA_ACC_RTOL = 2.0**-13
-GEMV_MAX_M = 8  # the CUDA-core GEMV's most tokens (rows padded to a power of two, each weight tile shared)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -68,10 +67,6 @@ def gemm_configs(m: int, n: int, k: int, group: int, kernel_layout: bool = False
     # H100 winners at M = 1 for K = 4096, benchmarks/results/gemm-decode-gemv-diag-h100.json)
     gemv += [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=1)
              for bn in (4, 8, 16) for bk in (1024, 2048) for sk in (1, 2) for w in (4, 8)] if m == 1 else []
-    # a few tokens: the same GEMV with the rows sharing each converted weight tile (MR rows a program)
-    gemv += [dict(GEMV=True, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=1)
-             for bn in (4, 8) for bk in (256, 512, 1024) for sk in (1, 2, 4) for w in (4, 8)
-             if bk * bn * triton.next_power_of_2(m) <= 32768] if 1 < m <= GEMV_MAX_M else []
     return gemv + base + ([] if kernel_layout else [dict(c, DEQ16=True) for c in base])
 
 
@@ -440,58 +435,52 @@ def _tile_store(acc, out_ptr, r_ptr, offs_m, pid_n, mask_m, N, stride_om, stride
 
 
 @triton.jit
-def _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_r, mask_r, offs_n, mask_n, N, inv_mult,
-                   inv_mult2, stride_wsn, stride_om, stride_rm, MR: tl.constexpr, BN: tl.constexpr,
-                   PER_CHANNEL: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr):
-    """acc (MR, BN) fp32 sums over all of K for rows offs_r -> scaled, biased (gated, plus the residual),
-    stored as out (M, N) (or (M, N/2) gated)."""
-    acc = acc * tl.load(xs_ptr + offs_r, mask=mask_r, other=0.0)[:, None]
+def _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_n, mask_n, N, inv_mult, inv_mult2,
+                   stride_wsn, BN: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EPI: tl.constexpr, HAS_RES: tl.constexpr):
+    """acc (BN,) fp32 sums over all of K -> scaled, biased (gated, plus the residual), stored as out (1, N)
+    (or (1, N/2) gated)."""
+    acc = acc * tl.load(xs_ptr)
     if EPI == 0:
         acc = acc * inv_mult
     if PER_CHANNEL:
-        acc = acc * tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if EPI > 0:
-        g, u = tl.split(tl.reshape(acc, (MR, BN // 2, 2)))
+        g, u = tl.split(tl.reshape(acc, (BN // 2, 2)))
         acc = _gated(g, u, inv_mult, inv_mult2, EPI)
         offs_o = pid_n * (BN // 2) + tl.arange(0, BN // 2)
         mask_o = offs_o < N // 2
     else:
         offs_o = offs_n
         mask_o = mask_n
-    row = offs_r[:, None].to(tl.int64)
-    msk = mask_r[:, None] & mask_o[None, :]
     if HAS_RES:
-        acc += tl.load(r_ptr + row * stride_rm + offs_o[None, :], mask=msk, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_o[None, :], acc.to(out_ptr.dtype.element_ty), mask=msk)
+        acc += tl.load(r_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
 
 
 @triton.jit
 def _w4a8_gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
-    M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
+    N, K, inv_mult, inv_mult2, stride_wn, stride_wsn,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr,
-    ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, HALF_LB: tl.constexpr, ASM: tl.constexpr,
+    EPI: tl.constexpr, HAS_RES: tl.constexpr,
 ):
-    """A few tokens (M <= MR, MR a power of two up to 8): CUDA-core dot products, no MMA padding to 16 rows.
+    """One token (M = 1): CUDA-core dot products, no MMA padding to 16 rows.
 
-    Each step streams a (BN, BK/2) byte tile of weights, converted once and used by all MR rows: the low
-    nibbles meet the even k of x and the high nibbles the odd k (no register shuffles to restore k order).
-    BK may span several groups (BK = NG * GROUP: per-group sums, then the (BN, NG) scales) or divide one.
-    With SPLIT_K > 1 the programs of an N tile write FP32 partials (SPLIT_K, M, N) and count themselves in
-    on a per-tile counter; the last to arrive sums the partials in split order (deterministic), writes the
-    output, re-zeroes the counter. (Accumulating (BN, BK/2) elementwise and reducing once at the end
-    measured slower on the H100.) MR = 1 keeps the one-token code of before (no row dimension in the loop)."""
+    Each step streams a (BN, BK/2) byte tile of weights: the low nibbles meet the even k of x and the
+    high nibbles the odd k (no register shuffles to restore k order). BK may span several groups
+    (BK = NG * GROUP: per-group sums, then the (BN, NG) scales) or divide one. With SPLIT_K > 1 the
+    programs of an N tile write FP32 partials and count themselves in on a per-tile counter; the last
+    to arrive sums the partials in split order (deterministic), writes the output, re-zeroes the counter.
+    (Accumulating (BN, BK/2) elementwise and reducing once at the end measured slower on the H100.)"""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_h = tl.arange(0, BK // 2)
-    offs_r = tl.arange(0, MR)
     mask_n = offs_n < N
-    mask_r = offs_r < M
     if HALF_LB > 0:  # kernel layout (repack_half): rows padded to whole blocks of HALF_LB
         KH = tl.cdiv(K, HALF_LB) * (HALF_LB // 2)
     else:
@@ -501,12 +490,8 @@ def _w4a8_gemv_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, k_tiles)
-    if MR == 1:
-        acc = tl.zeros((BN,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((MR, BN), dtype=tl.float32)
+    acc = tl.zeros((BN,), dtype=tl.float32)
     w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    x_rows = x_ptr + offs_r[:, None].to(tl.int64) * stride_xm
     for t in range(t0, t1):
         kh = t * (BK // 2) + offs_h
         wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
@@ -517,55 +502,35 @@ def _w4a8_gemv_kernel(
         else:  # checkpoint layout: channels 2j and 2j + 1
             ke = 2 * kh
             ko = ke + 1
-        if MR == 1:
-            xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + ko, mask=ko < K, other=0.0).to(tl.float32)
-            prod = w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :]
-        else:
-            xe = tl.load(x_rows + ke[None, :], mask=mask_r[:, None] & (ke[None, :] < K), other=0.0).to(tl.float32)
-            xo = tl.load(x_rows + ko[None, :], mask=mask_r[:, None] & (ko[None, :] < K), other=0.0).to(tl.float32)
-            prod = w_lo.to(tl.float32)[None, :, :] * xe[:, None, :] + w_hi.to(tl.float32)[None, :, :] * xo[:, None, :]
+        xe = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + ko, mask=ko < K, other=0.0).to(tl.float32)
+        prod = w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :]
         if PER_CHANNEL:
-            if MR == 1:
-                acc += tl.sum(prod, axis=1)
-            else:
-                acc += tl.sum(prod, axis=2)
+            acc += tl.sum(prod, axis=1)
         elif BK > GROUP:
             NG: tl.constexpr = BK // GROUP
+            part = tl.sum(tl.reshape(prod, (BN, NG, GROUP // 2)), axis=2)
             gi = t * NG + tl.arange(0, NG)
             sc = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + gi[None, :],
                          mask=mask_n[:, None] & (gi[None, :] < NGROUPS), other=0.0).to(tl.float32)
-            if MR == 1:
-                part = tl.sum(tl.reshape(prod, (BN, NG, GROUP // 2)), axis=2)
-                acc += tl.sum(part * sc, axis=1)
-            else:
-                part = tl.sum(tl.reshape(prod, (MR, BN, NG, GROUP // 2)), axis=3)
-                acc += tl.sum(part * sc[None, :, :], axis=2)
+            acc += tl.sum(part * sc, axis=1)
         else:
             sc = tl.load(ws_ptr + offs_n * stride_wsn + (t * BK) // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-            if MR == 1:
-                acc += tl.sum(prod, axis=1) * sc
-            else:
-                acc += tl.sum(prod, axis=2) * sc[None, :]
-    acc = tl.reshape(acc, (MR, BN))
+            acc += tl.sum(prod, axis=1) * sc
     if SPLIT_K == 1:
-        _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_r, mask_r, offs_n, mask_n, N,
-                       inv_mult, inv_mult2, stride_wsn, stride_om, stride_rm, MR, BN, PER_CHANNEL, HAS_BIAS, EPI,
-                       HAS_RES)
+        _gemv_epilogue(acc, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_n, mask_n, N, inv_mult, inv_mult2,
+                       stride_wsn, BN, PER_CHANNEL, HAS_BIAS, EPI, HAS_RES)
     else:
-        p_off = offs_r[:, None] * N + offs_n[None, :]
-        msk = mask_r[:, None] & mask_n[None, :]
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + p_off, acc, mask=msk)
+        tl.store(part_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=mask_n)
         tl.debug_barrier()  # every thread's partial stores come before the count
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            total = tl.load(part_ptr + p_off, mask=msk, other=0.0, volatile=True)
+            total = tl.load(part_ptr + offs_n, mask=mask_n, other=0.0, volatile=True)
             for sk in range(1, SPLIT_K):
-                total += tl.load(part_ptr + sk * M * N + p_off, mask=msk, other=0.0, volatile=True)
+                total += tl.load(part_ptr + sk * N + offs_n, mask=mask_n, other=0.0, volatile=True)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            _gemv_epilogue(total, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_r, mask_r, offs_n, mask_n, N,
-                           inv_mult, inv_mult2, stride_wsn, stride_om, stride_rm, MR, BN, PER_CHANNEL, HAS_BIAS, EPI,
-                           HAS_RES)
+            _gemv_epilogue(total, xs_ptr, b_ptr, out_ptr, r_ptr, ws_ptr, pid_n, offs_n, mask_n, N, inv_mult,
+                           inv_mult2, stride_wsn, BN, PER_CHANNEL, HAS_BIAS, EPI, HAS_RES)
 
 
 _COUNTERS: dict = {}
@@ -658,8 +623,6 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     if not per_channel and g % cfg["BK"] and not cfg.get("GEMV"):
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
     split = cfg["SPLIT_K"]
-    if cfg.get("GEMV") and m > GEMV_MAX_M:
-        raise ValueError(f"w4a8_gemm_triton: the GEMV config takes at most {GEMV_MAX_M} tokens, got M = {m}")
     if cfg.get("GEMV"):
         return _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel, bias, out_dtype, cfg,
                             layout_block, epi, mult2, residual)
@@ -738,22 +701,21 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
                  layout_block=0, epi=0, mult2=1.0, residual=None):
     m, k = xq.shape
     n = qweight.shape[0]
-    if not 1 <= m <= GEMV_MAX_M:
-        raise ValueError(f"the GEMV path takes 1 to {GEMV_MAX_M} tokens, got M = {m}")
+    if m != 1:
+        raise ValueError("the GEMV path takes one token (M = 1)")
     split, bn, bk = cfg["SPLIT_K"], cfg["BN"], cfg["BK"]
     if not per_channel and not per_tile_group_ok(bk, g):
         raise ValueError(f"GEMV: BK={bk} must divide the group size {g} or be a multiple of it")
-    out = torch.empty((m, n // 2 if epi else n), dtype=out_dtype, device=xq.device)
+    out = torch.empty((1, n // 2 if epi else n), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(n, bn)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=xq.device) if split > 1 else out
+    part = torch.empty((split, n), dtype=torch.float32, device=xq.device) if split > 1 else out
     cnt = _tile_counters(xq.device, tiles)
     xs = x_scale.reshape(-1).float().contiguous()
     _w4a8_gemv_kernel[(tiles, split)](
         xq, xs, qweight, w_scales, bias if bias is not None else xs, out, part, cnt,
         residual if residual is not None else xs,
-        m, n, k, 2.0 ** -log2_multiplier, mult2, xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, MR=triton.next_power_of_2(m),
+        n, k, 2.0 ** -log2_multiplier, mult2, qweight.stride(0), w_scales.stride(0),
+        GROUP=g, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         BN=bn, BK=bk, SPLIT_K=split, HALF_LB=layout_block, ASM=use_asm(), EPI=epi, HAS_RES=residual is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -60,12 +60,6 @@ CASES = [
     (1, 64, 192, -1, dict(GEMV=True, BN=16, BK=64, SPLIT_K=1, num_warps=4, num_stages=2)),  # per-channel
     (1, 48, 256, 64, dict(GEMV=True, BN=16, BK=32, SPLIT_K=4, num_warps=4, num_stages=2)),
     (1, 40, 640, 128, dict(GEMV=True, BN=8, BK=512, SPLIT_K=2, num_warps=4, num_stages=2)),
-    # the GEMV for a few tokens (rows padded to a power of two, one weight tile shared by all of them)
-    (2, 40, 256, 128, dict(GEMV=True, BN=16, BK=128, SPLIT_K=2, num_warps=4, num_stages=2)),
-    (3, 72, 577, 64, dict(GEMV=True, BN=8, BK=256, SPLIT_K=2, num_warps=4, num_stages=2)),  # odd K, 4 groups a tile
-    (5, 64, 192, -1, dict(GEMV=True, BN=16, BK=64, SPLIT_K=1, num_warps=4, num_stages=2)),  # per-channel, MR 8
-    (4, 48, 256, 64, dict(GEMV=True, BN=16, BK=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # BK inside a group
-    (8, 40, 640, 128, dict(GEMV=True, BN=8, BK=512, SPLIT_K=2, num_warps=4, num_stages=1)),
     (5, 48, 384, 64, dict(_cfg(True, 3, 64), FUSED=False)),  # split-K partials summed outside
     (70, 100, 256, 128, dict(_cfg(True, 1, 128), PERSIST=1)),  # persistent: more tiles than programs
     (45, 64, 192, 64, dict(_cfg(False, 1, 64), PERSIST=1)),
@@ -144,8 +138,6 @@ HALF_CASES = [
     (70, 128, 384, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),
     # wide K tiles (16 groups a tile), no pipelining, ragged last block
     (1, 40, 2500, 128, 128, dict(GEMV=True, BN=4, BK=2048, SPLIT_K=1, num_warps=4, num_stages=1)),
-    (4, 40, 1100, 128, 128, dict(GEMV=True, BN=4, BK=1024, SPLIT_K=2, num_warps=4, num_stages=1)),  # a few tokens
-    (3, 48, 256, 64, 64, dict(GEMV=True, BN=8, BK=128, SPLIT_K=1, num_warps=4, num_stages=2, SCALES="bf16")),
 ]
 
 
@@ -182,8 +174,6 @@ EPI_CASES = [
     (19, 64, 256, -1, 64, _cfg(False, 1, 64)),  # per-channel
     (40, 80, 256, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),  # persistent
     (1, 40, 1100, 128, 128, dict(GEMV=True, BN=4, BK=1024, SPLIT_K=2, num_warps=4, num_stages=1)),  # wide tiles
-    (3, 40, 384, 128, 128, dict(GEMV=True, BN=8, BK=256, SPLIT_K=2, num_warps=4, num_stages=1)),  # a few tokens
-    (4, 36, 256, 128, 0, dict(GEMV=True, BN=4, BK=128, SPLIT_K=1, num_warps=4, num_stages=2)),
 ]
 
 
@@ -221,7 +211,6 @@ def test_gated_epilogue_matches_float64(m, n, k, gs, lb, cfg, epilogue):
 
 
 @pytest.mark.parametrize("m,cfg", [(1, dict(GEMV=True, BN=16, BK=128, SPLIT_K=2, num_warps=4, num_stages=2)),
-                                   (6, dict(GEMV=True, BN=8, BK=256, SPLIT_K=1, num_warps=4, num_stages=1)),
                                    (7, _cfg(True, 2, 128)), (9, _cfg(False, 1, 128))])
 def test_residual_epilogue_matches_float64(m, cfg):
     if GPU and not cfg.get("GEMV"):
@@ -244,13 +233,3 @@ def test_epilogue_rejects_bad_input():
         w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, epilogue="relu")
     with pytest.raises(ValueError, match="residual"):
         w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, residual=torch.zeros(4, 31, device=DEV))
-
-
-def test_gemv_rejects_too_many_tokens():
-    from fireq_kernels.gemm_w4a8 import GEMV_MAX_M
-
-    x, qweight, scales, e, b = _operands(GEMV_MAX_M + 1, 32, 256, 128, 2)
-    xq, xs = quantize_fp8_rows_ref(x)
-    cfg = dict(GEMV=True, BN=16, BK=128, SPLIT_K=1, num_warps=4, num_stages=1)
-    with pytest.raises(ValueError, match="GEMV"):
-        w4a8_gemm_triton(xq, xs, qweight, scales, e, 128, b, config=cfg)
