@@ -59,7 +59,8 @@ STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (point
 # they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
 UNSTAGED_TMA = True
 # decode-sized row blocks (<= 16): Q.K^T as an fp16 MMA on fp16-converted key codes instead of FP8 (no cvt
-# to FP8; the same products, exact either way): +1-9% at decode on the H100, attn-decode-shape-diag-h100.json
+# to FP8; the same products, exact either way): +1-9% at decode in an H100 sweep (scripts/diag_decode_attn.py)
+# whose JSON was lost with its session; on by default in the H200 run of attention-h200.json
 DECODE_QK_F16 = True
 DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp programs an SM on an H100)
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
@@ -705,8 +706,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         if (block_n is None and num_warps is None and splits is None and bm <= 16 and d <= 128
                 and blocks * min(64, lk // 256) >= DECODE_PROGRAMS):
             # decode with keys enough for DECODE_PROGRAMS programs of at least two 128-key tiles: 2-warp
-            # programs, several an SM (H100: +4-16% over 16 x 256 keys / 4 warps, whose shape the few-long-
-            # sequence points keep; attn-decode-shape-diag-h100.json)
+            # programs, several an SM (an H100 sweep: +4-16% over 16 x 256 keys / 4 warps, whose shape the
+            # few-long-sequence points keep; its JSON was lost with its session. H200, attention-h200.json: the
+            # fastest of bench_attention's decode candidates at 5 of 6 points, both cache formats)
             bn, num_warps, splits = 128, 2, 1
             while blocks * splits < DECODE_PROGRAMS:
                 splits *= 2
