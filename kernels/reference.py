@@ -14,6 +14,7 @@ from fireq.formats.int4 import expand_group_scales as group_scales_ref  # noqa: 
 from fireq.formats.int4 import unpack_int4 as unpack_int4_ref  # noqa: E402
 
 __all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8_gemm_ref", "w4a8_linear_ref",
+           "fp8_row_rescale", "int4_to_fp8_ref", "w4a8_prefill_fp8_ref",
            "kv4_attention_ref", "stage_kv_ref", "rmsnorm_ref"]
 
 
@@ -70,6 +71,48 @@ def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
     out = w4a8_gemm_ref(xq, xs.to(x2.device), qweight, w_scales, log2_multiplier, group_size, bias,
                         out_dtype=x.dtype, epilogue=epilogue, log2_multiplier2=log2_multiplier2, residual=r2)
     return out.reshape(*x.shape[:-1], -1)
+
+
+FP8_ROW_CODE_MAX = 56.0  # 448 / 8: |q| <= 8 codes times this stay inside E4M3's range
+
+
+def fp8_row_rescale(w_scales: torch.Tensor, log2_multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of the INT4 -> FP8 row re-rounding (int4_to_fp8_ref), shared by kernel and twin.
+
+    w_scales: (N, G) fp8/bf16 -> (ratio (N, G) fp32 = 56 s_g / max_g |s_g|, row_scale (N,) fp32 =
+    max_g |s_g| 2^-e / 56), so that q s_g 2^-e = (q ratio_g) row_scale with |q ratio_g| <= 448."""
+    s = w_scales.float()
+    smax = s.abs().amax(dim=1)
+    smax = torch.where(smax > 0, smax, torch.ones_like(smax))
+    ratio = (s * FP8_ROW_CODE_MAX) / smax[:, None]
+    return ratio, smax * (2.0 ** -log2_multiplier / FP8_ROW_CODE_MAX)
+
+
+def int4_to_fp8_ref(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int, k: int,
+                    group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT4 weights with group scales re-rounded to FP8 E4M3 with one scale a row (inexact: the product
+    q s_g has more significant bits than E4M3 keeps; rounded to nearest even). What the FP8 prefill path
+    multiplies: a plain FP8 GEMM with per-token and per-channel scales, no per-group rescale.
+
+    qweight: (N, ceil(K/2)) uint8 (checkpoint layout); w_scales: (N, G) -> (w8 (N, K) fp8 e4m3,
+    row_scale (N,) fp32), dequantized weight ~= w8 * row_scale[:, None]."""
+    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier)
+    codes = unpack_int4_ref(qweight, k).float() * group_scales_ref(ratio, k, group_size)
+    return codes.to(torch.float8_e4m3fn), row_scale
+
+
+def w4a8_prefill_fp8_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                         log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
+                         out_dtype: torch.dtype = torch.bfloat16,
+                         acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """out = (xq * x_scale) @ (w8 * row_scale)^T + bias with (w8, row_scale) = int4_to_fp8_ref(...).
+    xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8; w_scales: (N, G) -> (M, N)."""
+    k = xq.shape[1]
+    w8, row_scale = int4_to_fp8_ref(qweight, w_scales, log2_multiplier, k, group_size)
+    out = (xq.to(acc_dtype) @ w8.to(acc_dtype).t()) * x_scale.to(acc_dtype) * row_scale.to(acc_dtype)
+    if bias is not None:
+        out = out + bias.to(acc_dtype)
+    return out.to(out_dtype)
 
 
 def kv4_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
