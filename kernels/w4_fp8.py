@@ -8,8 +8,14 @@ and leaves one scale a row, so the whole K loop is one chained FP8 MMA accumulat
 q ratio has more significant bits than E4M3's four and is rounded (to nearest even), so this path is not
 the INT4 GEMM's arithmetic; its twin is reference.w4a8_prefill_fp8_ref. On SmolLM2 (weight-only RTN,
 WikiText-2, 40 x 512 tokens) the re-rounding moved perplexity from 44.11 to 44.49
-(benchmarks/results/pow2-scales-smollm2.json). At prefill the conversion (N K / 2 bytes read, N K written)
-is small next to the GEMM.
+(benchmarks/results/pow2-scales-smollm2.json). The conversion moves N K / 2 bytes in and N K out; on the
+H200 the rowwise-scaled cuBLAS GEMM ran at cuBLAS FP8 speed, but the first conversion kernel (per-element
+ratio gathers, byte stores) read and wrote at only 0.27-0.33 TB/s, leaving the path at 1.24x cuBLAS BF16 /
+0.70x cuBLAS FP8 at M = 4096-8192 (benchmarks/results/prefill-fp8-h200.json). The kernel below puts the
+nibbles back in channel order in registers and stores each row's tile with 16-byte vector stores (checked
+in its sm_90 PTX for aligned shapes); its speed is not measured yet.
+
+Not used by default: opt in by calling w4a8_prefill_fp8 (its numbers differ from the INT4 GEMM's).
 
 Layout of the input: the checkpoint layout (byte j: channels 2j, 2j + 1) or the kernel layout of
 gemm_w4a8.repack_half (byte j of a block of LB channels: channels j and j + LB/2).
@@ -26,46 +32,58 @@ from .reference import fp8_row_rescale
 
 
 # ----------------------------------------------------------------------------- configs
-def convert_config(n: int, k: int) -> dict:
-    """(BN rows, BKH bytes) a program: 4 KiB of codes in, 8 KiB of FP8 out."""
-    return dict(BN=32, BKH=128, num_warps=4)
+def convert_config(k: int, group: int, layout_block: int) -> dict:
+    """C channels (C / 2 packed bytes) of BN rows a program, C a multiple of the layout block and dividing the
+    group or a multiple of it, so a tile's ratios are one (BN,) vector or a (BN, C / G) table."""
+    c = max(256, layout_block)
+    if not (group >= k or group % c == 0 or c % group == 0):
+        raise ValueError(f"int4_to_fp8: group size {group} must divide {c} or be a multiple of it")
+    return dict(BN=32, C=c, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _int4_to_fp8_kernel(w_ptr, r_ptr, o_ptr, N, K, KH, stride_wn, stride_rn, stride_on,
-                        GROUP: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, HALF_LB: tl.constexpr,
-                        EXACT_ROUND: tl.constexpr):
-    """A (BN, BKH) tile of packed bytes -> its 2 BKH FP8 values a row: fp8(q * ratio[n, channel // GROUP])."""
+def _int4_to_fp8_kernel(w_ptr, r_ptr, o_ptr, N, K, KH, NGROUPS, stride_wn, stride_rn, stride_on,
+                        GROUP: tl.constexpr, PER_ROW: tl.constexpr, BN: tl.constexpr, C: tl.constexpr,
+                        HALF_LB: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """A (BN, C / 2) tile of packed bytes -> (BN, C) FP8 values in channel order, fp8(q * ratio[n, c // GROUP]).
+
+    The nibbles are put back in channel order in registers (checkpoint layout: low and high nibble of byte j
+    are channels 2j and 2j + 1, a join; kernel layout: a block's low nibbles are its first half, a join and
+    a transpose), so that each row's C outputs are one contiguous store. PER_ROW: the tile lies in one group
+    (or the scales are per channel): one ratio a row."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_h = pid_k * BKH + tl.arange(0, BKH)
+    offs_h = pid_k * (C // 2) + tl.arange(0, C // 2)
     mask_n = offs_n < N
     row = offs_n[:, None].to(tl.int64)
     wb = tl.load(w_ptr + row * stride_wn + offs_h[None, :], mask=mask_n[:, None] & (offs_h[None, :] < KH),
                  other=0).to(tl.int32)
-    lo = ((wb & 0xF) ^ 8) - 8
-    hi = (((wb >> 4) & 0xF) ^ 8) - 8
-    if HALF_LB > 0:  # byte j of a block: channels j and j + HALF_LB/2 of the block
-        ke = (offs_h // (HALF_LB // 2)) * HALF_LB + offs_h % (HALF_LB // 2)
-        ko = ke + HALF_LB // 2
-    else:  # checkpoint layout: channels 2j and 2j + 1
-        ke = 2 * offs_h
-        ko = ke + 1
-    for half in tl.static_range(2):
-        if half == 0:
-            kc = ke
-            q = lo
-        else:
-            kc = ko
-            q = hi
-        msk = mask_n[:, None] & (kc[None, :] < K)
-        ratio = tl.load(r_ptr + row * stride_rn + kc[None, :] // GROUP, mask=msk, other=0.0)
-        y = q.to(tl.float32) * ratio
-        if EXACT_ROUND:
-            y = _round_to_fp8_grid(y)
-        tl.store(o_ptr + row * stride_on + kc[None, :], y.to(tl.float8e4nv), mask=msk)
+    lo = (((wb & 0xF) ^ 8) - 8).to(tl.float32)
+    hi = ((((wb >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+    if HALF_LB > 0:  # per block of HALF_LB channels: low nibbles first, then the high ones
+        NB: tl.constexpr = C // HALF_LB
+        lo3 = tl.reshape(lo, (BN, NB, HALF_LB // 2))
+        hi3 = tl.reshape(hi, (BN, NB, HALF_LB // 2))
+        q = tl.reshape(tl.permute(tl.join(lo3, hi3), (0, 1, 3, 2)), (BN, C))
+    else:  # checkpoint layout: channels 2j (low), 2j + 1 (high)
+        q = tl.reshape(tl.join(lo, hi), (BN, C))
+    c0 = pid_k * C
+    if PER_ROW:
+        ratio = tl.load(r_ptr + offs_n * stride_rn + c0 // GROUP, mask=mask_n, other=0.0)
+        y = q * ratio[:, None]
+    else:
+        NG: tl.constexpr = C // GROUP
+        gi = c0 // GROUP + tl.arange(0, NG)
+        ratio = tl.load(r_ptr + row * stride_rn + gi[None, :], mask=mask_n[:, None] & (gi[None, :] < NGROUPS),
+                        other=0.0)
+        y = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * ratio[:, :, None], (BN, C))
+    if EXACT_ROUND:
+        y = _round_to_fp8_grid(y)
+    offs_c = c0 + tl.arange(0, C)
+    tl.store(o_ptr + row * stride_on + offs_c[None, :], y.to(tl.float8e4nv),
+             mask=mask_n[:, None] & (offs_c[None, :] < K))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -87,12 +105,16 @@ def int4_to_fp8_triton(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multi
     ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier)
     ratio = ratio.contiguous()
     w8 = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=qweight.device)
-    cfg = convert_config(n, k)
-    grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(row_bytes, cfg["BKH"]))
+    cfg = convert_config(k, g, layout_block)
+    if layout_block and cfg["C"] % layout_block:
+        raise ValueError(f"int4_to_fp8: layout block {layout_block} must divide {cfg['C']}")
+    per_row = per_channel or g % cfg["C"] == 0
+    grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(k, cfg["C"]))
     if n and k:
-        _int4_to_fp8_kernel[grid](qweight, ratio, w8, n, k, row_bytes, qweight.stride(0), ratio.stride(0),
-                                  w8.stride(0), GROUP=g, BN=cfg["BN"], BKH=cfg["BKH"], HALF_LB=layout_block,
-                                  EXACT_ROUND=_interpreting(), num_warps=cfg["num_warps"])
+        _int4_to_fp8_kernel[grid](qweight, ratio, w8, n, k, row_bytes, ratio.shape[1], qweight.stride(0),
+                                  ratio.stride(0), w8.stride(0), GROUP=g, PER_ROW=per_row, BN=cfg["BN"],
+                                  C=cfg["C"], HALF_LB=layout_block, EXACT_ROUND=_interpreting(),
+                                  num_warps=cfg["num_warps"])
     return w8, row_scale
 
 

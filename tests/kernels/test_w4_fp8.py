@@ -24,7 +24,8 @@ def _weights(n, k, gs, seed, scale_dtype="fp8"):
 
 @pytest.mark.parametrize("n,k,gs,lb,sdt", [
     (40, 256, 128, 0, "fp8"), (36, 300, 64, 0, "fp8"), (64, 576, 128, 128, "fp8"),  # ragged last group / block
-    (48, 192, -1, 64, "fp8"), (33, 130, 32, 0, "bf16"), (64, 384, 128, 128, "bf16")])
+    (48, 192, -1, 64, "fp8"), (33, 130, 32, 0, "bf16"), (64, 384, 128, 128, "bf16"),
+    (24, 600, 256, 0, "fp8"), (40, 1024, 512, 128, "fp8")])  # one ratio a row and tile (group >= tile)
 def test_int4_to_fp8_matches_twin_exactly(n, k, gs, lb, sdt):
     for seed in range(2):
         qw = _weights(n, k, gs, seed, sdt)
@@ -68,5 +69,8 @@ def test_prefill_fp8_rejects_bad_input():
         w4a8_prefill_fp8(xq.to(DEV), xs.to(DEV), qw.qweight.to(DEV), qw.scales.to(DEV), qw.log2_multiplier, 128)
     with pytest.raises(ValueError, match="bytes a row"):
         int4_to_fp8_triton(qw.qweight[:, :-1].contiguous().to(DEV), qw.scales.to(DEV), 0, 256, 128)
+    with pytest.raises(ValueError, match="group size"):
+        q96 = _weights(8, 384, 96, 2)
+        int4_to_fp8_triton(q96.qweight.to(DEV), q96.scales.to(DEV), 0, 384, 96)
     with pytest.raises(TypeError):
         w4a8_prefill_fp8(xq.float().to(DEV), xs.to(DEV), qw.qweight.to(DEV), qw.scales.to(DEV), 0, 128)
