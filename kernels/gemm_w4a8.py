@@ -578,6 +578,22 @@ def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
+def weight_geometry(qweight: torch.Tensor, w_scales: torch.Tensor, k: int, group_size: int,
+                    layout_block: int = 0) -> tuple[bool, int]:
+    """Check packed weights (N, row bytes: ceil(K/2), or whole blocks of layout_block channels in the
+    repack_half layout) and their group scales (N, G) against K -> (per_channel, the effective group size:
+    K when per channel)."""
+    n = qweight.shape[0]
+    row_bytes = (k + 1) // 2 if not layout_block else triton.cdiv(k, layout_block) * layout_block // 2
+    if qweight.shape[1] != row_bytes:
+        raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {row_bytes} for K={k}")
+    per_channel = group_size in (-1, 0) or group_size >= k and w_scales.shape[1] == 1
+    g = k if per_channel else group_size
+    if w_scales.shape != (n, triton.cdiv(k, g)):
+        raise ValueError(f"w_scales shape {tuple(w_scales.shape)} does not match N={n}, K={k}, group {g}")
+    return per_channel, g
+
+
 EPILOGUES = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
 
 
@@ -608,17 +624,11 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
                                  or residual.device != xq.device):
         raise ValueError(f"w4a8_gemm_triton: residual must be ({m}, {n_out}) with contiguous rows on the device")
     mult2 = 2.0 ** -(log2_multiplier if log2_multiplier2 is None else log2_multiplier2)
-    row_bytes = (k + 1) // 2 if not layout_block else triton.cdiv(k, layout_block) * layout_block // 2
-    if qweight.shape[1] != row_bytes:
-        raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {row_bytes} for K={k}")
+    per_channel, g = weight_geometry(qweight, w_scales, k, group_size, layout_block)
     if xq.stride(1) != 1 or qweight.stride(1) != 1:
         raise ValueError("w4a8_gemm_triton: xq and qweight rows must be contiguous")
     if not (xq.device == qweight.device == w_scales.device == x_scale.device):
         raise ValueError("w4a8_gemm_triton: all tensors must be on one device")
-    per_channel = group_size in (-1, 0) or group_size >= k and w_scales.shape[1] == 1
-    g = k if per_channel else group_size
-    if w_scales.shape != (n, triton.cdiv(k, g)):
-        raise ValueError(f"w_scales shape {tuple(w_scales.shape)} does not match N={n}, K={k}, group {g}")
     cfg = dict(config or pick_config(m, n, k, -1 if per_channel else g))
     if not per_channel and g % cfg["BK"] and not cfg.get("GEMV"):
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
+from .gemm_w4a8 import _interpreting, _round_to_fp8_grid, weight_geometry
+from .int4cvt import nibbles_f16, use_asm
 from .reference import fp8_row_rescale
 
 
@@ -36,6 +37,8 @@ def convert_config(k: int, group: int, layout_block: int) -> dict:
     """C channels (C / 2 packed bytes) of BN rows a program, C a multiple of the layout block and dividing the
     group or a multiple of it, so a tile's ratios are one (BN,) vector or a (BN, C / G) table."""
     c = max(256, layout_block)
+    if layout_block and c % layout_block:
+        raise ValueError(f"int4_to_fp8: layout block {layout_block} must divide {c}")
     if not (group >= k or group % c == 0 or c % group == 0):
         raise ValueError(f"int4_to_fp8: group size {group} must divide {c} or be a multiple of it")
     return dict(BN=32, C=c, num_warps=4)
@@ -45,7 +48,7 @@ def convert_config(k: int, group: int, layout_block: int) -> dict:
 @triton.jit
 def _int4_to_fp8_kernel(w_ptr, r_ptr, o_ptr, N, K, KH, NGROUPS, stride_wn, stride_rn, stride_on,
                         GROUP: tl.constexpr, PER_ROW: tl.constexpr, BN: tl.constexpr, C: tl.constexpr,
-                        HALF_LB: tl.constexpr, EXACT_ROUND: tl.constexpr):
+                        HALF_LB: tl.constexpr, ASM: tl.constexpr, EXACT_ROUND: tl.constexpr):
     """A (BN, C / 2) tile of packed bytes -> (BN, C) FP8 values in channel order, fp8(q * ratio[n, c // GROUP]).
 
     The nibbles are put back in channel order in registers (checkpoint layout: low and high nibble of byte j
@@ -59,9 +62,10 @@ def _int4_to_fp8_kernel(w_ptr, r_ptr, o_ptr, N, K, KH, NGROUPS, stride_wn, strid
     mask_n = offs_n < N
     row = offs_n[:, None].to(tl.int64)
     wb = tl.load(w_ptr + row * stride_wn + offs_h[None, :], mask=mask_n[:, None] & (offs_h[None, :] < KH),
-                 other=0).to(tl.int32)
-    lo = (((wb & 0xF) ^ 8) - 8).to(tl.float32)
-    hi = ((((wb >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+                 other=0)
+    lo, hi = nibbles_f16(wb, wb, True, False, ASM)
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
     if HALF_LB > 0:  # per block of HALF_LB channels: low nibbles first, then the high ones
         NB: tl.constexpr = C // HALF_LB
         lo3 = tl.reshape(lo, (BN, NB, HALF_LB // 2))
@@ -95,25 +99,18 @@ def int4_to_fp8_triton(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multi
     if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.stride(1) != 1:
         raise TypeError("int4_to_fp8_triton: qweight must be a 2-D uint8 tensor with contiguous rows")
     n = qweight.shape[0]
-    row_bytes = (k + 1) // 2 if not layout_block else triton.cdiv(k, layout_block) * layout_block // 2
-    if qweight.shape[1] != row_bytes:
-        raise ValueError(f"qweight has {qweight.shape[1]} bytes a row, expected {row_bytes} for K={k}")
-    per_channel = group_size in (-1, 0) or group_size >= k
-    g = k if per_channel else group_size
-    if w_scales.shape != (n, triton.cdiv(k, g)) or w_scales.device != qweight.device:
-        raise ValueError(f"w_scales shape {tuple(w_scales.shape)} does not match N={n}, K={k}, group {g}")
-    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier)
-    ratio = ratio.contiguous()
-    w8 = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=qweight.device)
+    per_channel, g = weight_geometry(qweight, w_scales, k, group_size, layout_block)
+    if w_scales.device != qweight.device:
+        raise ValueError("int4_to_fp8_triton: qweight and w_scales must be on one device")
     cfg = convert_config(k, g, layout_block)
-    if layout_block and cfg["C"] % layout_block:
-        raise ValueError(f"int4_to_fp8: layout block {layout_block} must divide {cfg['C']}")
+    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier)
+    w8 = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=qweight.device)
     per_row = per_channel or g % cfg["C"] == 0
     grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(k, cfg["C"]))
     if n and k:
-        _int4_to_fp8_kernel[grid](qweight, ratio, w8, n, k, row_bytes, ratio.shape[1], qweight.stride(0),
+        _int4_to_fp8_kernel[grid](qweight, ratio, w8, n, k, qweight.shape[1], ratio.shape[1], qweight.stride(0),
                                   ratio.stride(0), w8.stride(0), GROUP=g, PER_ROW=per_row, BN=cfg["BN"],
-                                  C=cfg["C"], HALF_LB=layout_block, EXACT_ROUND=_interpreting(),
+                                  C=cfg["C"], HALF_LB=layout_block, ASM=use_asm(), EXACT_ROUND=_interpreting(),
                                   num_warps=cfg["num_warps"])
     return w8, row_scale
 
