@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 from .errors import FireqError  # noqa: E402
 
 
-def load(path, device="cpu", dtype=None):
+def load(path, device="cpu", dtype=None, prefill_fp8=False):
     """Load a fireq checkpoint directory. See fireq.checkpoint.load.load."""
     from .checkpoint.load import load as _load
 
-    return _load(path, device=device, dtype=dtype)
+    return _load(path, device=device, dtype=dtype, prefill_fp8=prefill_fp8)
 
 
 def _register_with_transformers() -> None:

@@ -69,12 +69,14 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N windows"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the result as JSON"),
     device: str = typer.Option("cpu", "--device"),
+    prefill_fp8: int = typer.Option(0, "--prefill-fp8", help="fireq checkpoints: linear calls of at least this many "
+                                                             "tokens on the FP8 prefill path (0: off)"),
 ):
     """Perplexity of MODEL (quantized or not) on non-overlapping windows."""
     from .evaluate.run import evaluate_model
 
     try:
-        res = evaluate_model(model, data, seqlen, limit, device)
+        res = evaluate_model(model, data, seqlen, limit, device, prefill_fp8)
     except FireqError as e:
         _fail(str(e))
     rows = [("model", res["model"]), ("data", res["data"]), ("windows", res["windows"]), ("seqlen", res["seqlen"]),

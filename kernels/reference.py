@@ -14,7 +14,7 @@ from fireq.formats.int4 import expand_group_scales as group_scales_ref  # noqa: 
 from fireq.formats.int4 import unpack_int4 as unpack_int4_ref  # noqa: E402
 
 __all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8_gemm_ref", "w4a8_linear_ref",
-           "fp8_row_rescale", "int4_to_fp8_ref", "w4a8_prefill_fp8_ref",
+           "fp8_row_factors", "fp8_row_rescale", "int4_to_fp8_ref", "w4a8_prefill_fp8_ref", "w4a8_linear_fp8_ref",
            "kv4_attention_ref", "stage_kv_ref", "rmsnorm_ref"]
 
 
@@ -76,27 +76,41 @@ def w4a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
 FP8_ROW_CODE_MAX = 56.0  # 448 / 8: |q| <= 8 codes times this stay inside E4M3's range
 
 
-def fp8_row_rescale(w_scales: torch.Tensor, log2_multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors of the INT4 -> FP8 row re-rounding (int4_to_fp8_ref), shared by kernel and twin.
+def fp8_row_factors(w_scales: torch.Tensor, log2_multiplier: int,
+                    log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row factors of the INT4 -> FP8 row re-rounding (int4_to_fp8_ref), shared by kernel and twin.
 
-    w_scales: (N, G) fp8/bf16 -> (ratio (N, G) fp32 = 56 s_g / max_g |s_g|, row_scale (N,) fp32 =
-    max_g |s_g| 2^-e / 56), so that q s_g 2^-e = (q ratio_g) row_scale with |q ratio_g| <= 448."""
-    s = w_scales.float()
-    smax = s.abs().amax(dim=1)
+    w_scales: (N, G) fp8/bf16 -> (inv_row (N,) fp32 = 56 / max_g |s_g|, row_scale (N,) fp32 =
+    max_g |s_g| / 56 * 2^-e); the group ratio is s_g inv_row (fp32 product), so that
+    q s_g 2^-e = (q s_g inv_row) row_scale with |q s_g inv_row| <= 448. log2_multiplier2: the odd rows'
+    e (interleaved gate/up rows of a gated MLP), else every row's is log2_multiplier."""
+    smax = w_scales.float().abs().amax(dim=1)
     smax = torch.where(smax > 0, smax, torch.ones_like(smax))
-    ratio = (s * FP8_ROW_CODE_MAX) / smax[:, None]
-    return ratio, smax * (2.0 ** -log2_multiplier / FP8_ROW_CODE_MAX)
+    row_scale = smax * (1.0 / FP8_ROW_CODE_MAX)
+    if log2_multiplier2 is None:
+        row_scale = row_scale * 2.0 ** -log2_multiplier
+    else:
+        mult = torch.tensor([2.0 ** -log2_multiplier, 2.0 ** -log2_multiplier2], device=smax.device)
+        row_scale = (row_scale.reshape(-1, 2) * mult).reshape(-1)
+    return FP8_ROW_CODE_MAX / smax, row_scale
+
+
+def fp8_row_rescale(w_scales: torch.Tensor, log2_multiplier: int,
+                    log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratio (N, G) fp32 = s_g inv_row, row_scale (N,)) of fp8_row_factors."""
+    inv_row, row_scale = fp8_row_factors(w_scales, log2_multiplier, log2_multiplier2)
+    return w_scales.float() * inv_row[:, None], row_scale
 
 
 def int4_to_fp8_ref(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int, k: int,
-                    group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    group_size: int, log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4 weights with group scales re-rounded to FP8 E4M3 with one scale a row (inexact: the product
     q s_g has more significant bits than E4M3 keeps; rounded to nearest even). What the FP8 prefill path
     multiplies: a plain FP8 GEMM with per-token and per-channel scales, no per-group rescale.
 
     qweight: (N, ceil(K/2)) uint8 (checkpoint layout); w_scales: (N, G) -> (w8 (N, K) fp8 e4m3,
     row_scale (N,) fp32), dequantized weight ~= w8 * row_scale[:, None]."""
-    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier)
+    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier, log2_multiplier2)
     codes = unpack_int4_ref(qweight, k).float() * group_scales_ref(ratio, k, group_size)
     return codes.to(torch.float8_e4m3fn), row_scale
 
@@ -113,6 +127,36 @@ def w4a8_prefill_fp8_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch
     if bias is not None:
         out = out + bias.to(acc_dtype)
     return out.to(out_dtype)
+
+
+def w4a8_linear_fp8_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
+                        group_size: int, bias: torch.Tensor | None = None, epilogue: str | None = None,
+                        log2_multiplier2: int | None = None, residual: torch.Tensor | None = None,
+                        acc_dtype: torch.dtype = torch.float32, gemm_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The whole linear on the FP8 prefill path (w4_fp8.w4a8_linear_fp8), arguments as w4a8_linear_ref:
+    per-token FP8 x, weights re-rounded by int4_to_fp8_ref (the gate/up multipliers folded into the row
+    scales), y = bf16((xq @ w8^T) x_scale row_scale) (the rowwise-scaled FP8 GEMM writes bf16), then in
+    fp32: + bias (with a gated epilogue, bias times the row's 2^-e: the INT4 GEMM adds it before the
+    multipliers), act(gate) * up, + residual, cast to x.dtype. An oracle passes acc_dtype = gemm_dtype =
+    float64 (no rounding between the GEMM and the epilogue)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    xq, xs = quantize_fp8_rows_ref(x2)
+    e2 = None if epilogue is None else (log2_multiplier if log2_multiplier2 is None else log2_multiplier2)
+    w8, row_scale = int4_to_fp8_ref(qweight, w_scales, log2_multiplier, k, group_size, e2)
+    y = ((xq.to(acc_dtype) @ w8.to(acc_dtype).t()) * xs.to(acc_dtype) * row_scale.to(acc_dtype))
+    y = y.to(gemm_dtype).to(acc_dtype)
+    if bias is not None:
+        b = bias.to(acc_dtype)
+        if epilogue is not None:
+            b = (b.reshape(-1, 2) * torch.tensor([2.0 ** -log2_multiplier, 2.0 ** -e2], dtype=acc_dtype,
+                                                 device=b.device)).reshape(-1)
+        y = y + b
+    if epilogue is not None:
+        y = gated_act_ref(y[:, 0::2], epilogue) * y[:, 1::2]
+    if residual is not None:
+        y = y + residual.reshape(y.shape[0], -1).to(acc_dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def kv4_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -27,34 +27,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm_w4a8 import _interpreting, _round_to_fp8_grid, weight_geometry
+from .gemm_w4a8 import EPILOGUES, _gated, _interpreting, _round_to_fp8_grid, quantize_fp8_rows_triton, weight_geometry
 from .int4cvt import nibbles_f16, use_asm
-from .reference import fp8_row_rescale
+from .reference import fp8_row_factors
 
 
 # ----------------------------------------------------------------------------- configs
 def convert_config(k: int, group: int, layout_block: int) -> dict:
     """C channels (C / 2 packed bytes) of BN rows a program, C a multiple of the layout block and dividing the
-    group or a multiple of it, so a tile's ratios are one (BN,) vector or a (BN, C / G) table."""
-    c = max(256, layout_block)
+    group or a multiple of it, so a tile's ratios are one (BN,) vector or a (BN, C / G) table. Defaults from
+    the H200 sweep (benchmarks/results/convert-sweep-h200.json: BN 16, C 512, 2 warps was the best or within
+    2% of it at every Llama-3-8B shape)."""
+    c = max(512, layout_block)
+    return dict(BN=16, C=c, num_warps=2)
+
+
+def _check_config(cfg: dict, k: int, group: int, layout_block: int) -> None:
+    c = cfg["C"]
     if layout_block and c % layout_block:
-        raise ValueError(f"int4_to_fp8: layout block {layout_block} must divide {c}")
+        raise ValueError(f"int4_to_fp8: layout block {layout_block} must divide the tile's {c} channels")
     if not (group >= k or group % c == 0 or c % group == 0):
         raise ValueError(f"int4_to_fp8: group size {group} must divide {c} or be a multiple of it")
-    return dict(BN=32, C=c, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _int4_to_fp8_kernel(w_ptr, r_ptr, o_ptr, N, K, KH, NGROUPS, stride_wn, stride_rn, stride_on,
+def _int4_to_fp8_kernel(w_ptr, s_ptr, inv_ptr, o_ptr, N, K, KH, NGROUPS, stride_wn, stride_sn, stride_on,
                         GROUP: tl.constexpr, PER_ROW: tl.constexpr, BN: tl.constexpr, C: tl.constexpr,
                         HALF_LB: tl.constexpr, ASM: tl.constexpr, EXACT_ROUND: tl.constexpr):
-    """A (BN, C / 2) tile of packed bytes -> (BN, C) FP8 values in channel order, fp8(q * ratio[n, c // GROUP]).
+    """A (BN, C / 2) tile of packed bytes -> (BN, C) FP8 values in channel order, fp8(q * s[n, c // GROUP] *
+    inv_row[n]) (the ratio an fp32 product, as in reference.fp8_row_rescale).
 
-    The nibbles are put back in channel order in registers (checkpoint layout: low and high nibble of byte j
-    are channels 2j and 2j + 1, a join; kernel layout: a block's low nibbles are its first half, a join and
-    a transpose), so that each row's C outputs are one contiguous store. PER_ROW: the tile lies in one group
-    (or the scales are per channel): one ratio a row."""
+    Kernel layout (HALF_LB > 0: byte j of a block holds channels j and j + LB / 2), when every layout block
+    lies in one group: the low and the high nibbles are each a run of LB / 2 channels in order, stored as
+    they are (two contiguous stores, no register shuffle). Otherwise the nibbles are put back in channel
+    order in registers (checkpoint layout: byte j holds channels 2j and 2j + 1, a join; kernel layout: a
+    join and a transpose). PER_ROW: the tile lies in one group (or the scales are per channel)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -66,52 +74,97 @@ def _int4_to_fp8_kernel(w_ptr, r_ptr, o_ptr, N, K, KH, NGROUPS, stride_wn, strid
     lo, hi = nibbles_f16(wb, wb, True, False, ASM)
     lo = lo.to(tl.float32)
     hi = hi.to(tl.float32)
-    if HALF_LB > 0:  # per block of HALF_LB channels: low nibbles first, then the high ones
-        NB: tl.constexpr = C // HALF_LB
-        lo3 = tl.reshape(lo, (BN, NB, HALF_LB // 2))
-        hi3 = tl.reshape(hi, (BN, NB, HALF_LB // 2))
-        q = tl.reshape(tl.permute(tl.join(lo3, hi3), (0, 1, 3, 2)), (BN, C))
-    else:  # checkpoint layout: channels 2j (low), 2j + 1 (high)
-        q = tl.reshape(tl.join(lo, hi), (BN, C))
+    inv = tl.load(inv_ptr + offs_n, mask=mask_n, other=0.0)
     c0 = pid_k * C
-    if PER_ROW:
-        ratio = tl.load(r_ptr + offs_n * stride_rn + c0 // GROUP, mask=mask_n, other=0.0)
-        y = q * ratio[:, None]
+    SPLIT: tl.constexpr = HALF_LB > 0 and (PER_ROW or GROUP % HALF_LB == 0)
+    if SPLIT:  # each half-block is a run of channels in order: scale and store the two halves as they are
+        HB: tl.constexpr = HALF_LB // 2
+        NB: tl.constexpr = C // HALF_LB
+        if PER_ROW:
+            r = tl.load(s_ptr + offs_n * stride_sn + c0 // GROUP, mask=mask_n, other=0.0).to(tl.float32) * inv
+            ylo = lo * r[:, None]
+            yhi = hi * r[:, None]
+        else:  # one group a layout block
+            gi = (c0 + tl.arange(0, NB) * HALF_LB) // GROUP
+            r = tl.load(s_ptr + row * stride_sn + gi[None, :], mask=mask_n[:, None] & (gi[None, :] < NGROUPS),
+                        other=0.0).to(tl.float32) * inv[:, None]
+            ylo = tl.reshape(tl.reshape(lo, (BN, NB, HB)) * r[:, :, None], (BN, C // 2))
+            yhi = tl.reshape(tl.reshape(hi, (BN, NB, HB)) * r[:, :, None], (BN, C // 2))
+        if EXACT_ROUND:
+            ylo = _round_to_fp8_grid(ylo)
+            yhi = _round_to_fp8_grid(yhi)
+        j = tl.arange(0, C // 2)
+        ch = c0 + (j // HB) * HALF_LB + j % HB
+        base = o_ptr + row * stride_on
+        tl.store(base + ch[None, :], ylo.to(tl.float8e4nv), mask=mask_n[:, None] & (ch[None, :] < K))
+        tl.store(base + (ch + HB)[None, :], yhi.to(tl.float8e4nv), mask=mask_n[:, None] & (ch[None, :] + HB < K))
     else:
-        NG: tl.constexpr = C // GROUP
-        gi = c0 // GROUP + tl.arange(0, NG)
-        ratio = tl.load(r_ptr + row * stride_rn + gi[None, :], mask=mask_n[:, None] & (gi[None, :] < NGROUPS),
-                        other=0.0)
-        y = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * ratio[:, :, None], (BN, C))
-    if EXACT_ROUND:
-        y = _round_to_fp8_grid(y)
-    offs_c = c0 + tl.arange(0, C)
-    tl.store(o_ptr + row * stride_on + offs_c[None, :], y.to(tl.float8e4nv),
-             mask=mask_n[:, None] & (offs_c[None, :] < K))
+        if HALF_LB > 0:  # per block of HALF_LB channels: low nibbles first, then the high ones
+            NB2: tl.constexpr = C // HALF_LB
+            lo3 = tl.reshape(lo, (BN, NB2, HALF_LB // 2))
+            hi3 = tl.reshape(hi, (BN, NB2, HALF_LB // 2))
+            q = tl.reshape(tl.permute(tl.join(lo3, hi3), (0, 1, 3, 2)), (BN, C))
+        else:  # checkpoint layout: channels 2j (low), 2j + 1 (high)
+            q = tl.reshape(tl.join(lo, hi), (BN, C))
+        if PER_ROW:
+            r = tl.load(s_ptr + offs_n * stride_sn + c0 // GROUP, mask=mask_n, other=0.0).to(tl.float32) * inv
+            y = q * r[:, None]
+        else:
+            NG: tl.constexpr = C // GROUP
+            gi = c0 // GROUP + tl.arange(0, NG)
+            r = tl.load(s_ptr + row * stride_sn + gi[None, :], mask=mask_n[:, None] & (gi[None, :] < NGROUPS),
+                        other=0.0).to(tl.float32) * inv[:, None]
+            y = tl.reshape(tl.reshape(q, (BN, NG, GROUP)) * r[:, :, None], (BN, C))
+        if EXACT_ROUND:
+            y = _round_to_fp8_grid(y)
+        offs_c = c0 + tl.arange(0, C)
+        tl.store(o_ptr + row * stride_on + offs_c[None, :], y.to(tl.float8e4nv),
+                 mask=mask_n[:, None] & (offs_c[None, :] < K))
+
+
+# ----------------------------------------------------------------------------- per-row factors, cached
+def row_factors(w_scales: torch.Tensor, log2_multiplier: int,
+                log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.fp8_row_factors, kept on the scales tensor (checked against its in-place version and e): a
+    layer calls the path with the same scales every forward, and the few small reductions cost more than
+    the conversion at 4096 x 4096. Not kept while a CUDA graph is being captured."""
+    key = (w_scales._version, log2_multiplier, log2_multiplier2, w_scales.data_ptr())
+    hit = getattr(w_scales, "_fireq_fp8_row_factors", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = fp8_row_factors(w_scales, log2_multiplier, log2_multiplier2)
+    if not (w_scales.is_cuda and torch.cuda.is_current_stream_capturing()):
+        w_scales._fireq_fp8_row_factors = (key, val)
+    return val
 
 
 # ----------------------------------------------------------------------------- launchers
 def int4_to_fp8_triton(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int, k: int,
-                       group_size: int, layout_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       group_size: int, layout_block: int = 0, config: dict | None = None,
+                       log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See reference.int4_to_fp8_ref (same values, bit for bit). qweight: (N, ceil(K/2)) uint8, or with
     layout_block > 0 the repack_half layout (N, ceil(K / LB) LB / 2); w_scales: (N, G) fp8/bf16 ->
-    (w8 (N, K) fp8 e4m3, row_scale (N,) fp32)."""
+    (w8 (N, K) fp8 e4m3, row_scale (N,) fp32). config: {BN, C, num_warps} instead of convert_config's;
+    log2_multiplier2: the odd rows' e (interleaved gate/up rows)."""
     if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.stride(1) != 1:
         raise TypeError("int4_to_fp8_triton: qweight must be a 2-D uint8 tensor with contiguous rows")
     n = qweight.shape[0]
     per_channel, g = weight_geometry(qweight, w_scales, k, group_size, layout_block)
     if w_scales.device != qweight.device:
         raise ValueError("int4_to_fp8_triton: qweight and w_scales must be on one device")
-    cfg = convert_config(k, g, layout_block)
-    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier)
+    cfg = dict(convert_config(k, g, layout_block), **(config or {}))
+    _check_config(cfg, k, g, layout_block)
+    if log2_multiplier2 is not None and n % 2:
+        raise ValueError("int4_to_fp8_triton: interleaved gate/up rows need an even N")
+    inv_row, row_scale = row_factors(w_scales, log2_multiplier, log2_multiplier2)
     w8 = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=qweight.device)
     per_row = per_channel or g % cfg["C"] == 0
     grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(k, cfg["C"]))
     if n and k:
-        _int4_to_fp8_kernel[grid](qweight, ratio, w8, n, k, qweight.shape[1], ratio.shape[1], qweight.stride(0),
-                                  ratio.stride(0), w8.stride(0), GROUP=g, PER_ROW=per_row, BN=cfg["BN"],
-                                  C=cfg["C"], HALF_LB=layout_block, ASM=use_asm(), EXACT_ROUND=_interpreting(),
-                                  num_warps=cfg["num_warps"])
+        _int4_to_fp8_kernel[grid](qweight, w_scales, inv_row, w8, n, k, qweight.shape[1], w_scales.shape[1],
+                                  qweight.stride(0), w_scales.stride(0), w8.stride(0), GROUP=g, PER_ROW=per_row,
+                                  BN=cfg["BN"], C=cfg["C"], HALF_LB=layout_block, ASM=use_asm(),
+                                  EXACT_ROUND=_interpreting(), num_warps=cfg["num_warps"])
     return w8, row_scale
 
 
@@ -132,3 +185,77 @@ def w4a8_prefill_fp8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     if bias is not None:
         out = out.float() + bias.float()
     return out.to(out_dtype)
+
+
+@triton.jit
+def _linear_epilogue_kernel(y_ptr, b_ptr, r_ptr, o_ptr, M, N, stride_y, stride_r, stride_o, inv_mult, inv_mult2,
+                            BM: tl.constexpr, BN: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_RES: tl.constexpr):
+    """What the INT4 GEMM does in its epilogue, over the rowwise FP8 GEMM's bf16 output y (M, N): + bias (gated:
+    times the row's multiplier, inv_mult for even and inv_mult2 for odd columns), act(gate) * up over
+    interleaved columns (EPI > 0, N / 2 outputs), + residual, in fp32, stored in out's dtype."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    row = offs_m[:, None].to(tl.int64)
+    y = tl.load(y_ptr + row * stride_y + offs_n[None, :], mask=mask_m[:, None] & (offs_n[None, :] < N),
+                other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if EPI > 0:
+            b = b * tl.where(offs_n % 2 == 0, inv_mult, inv_mult2)
+        y += b[None, :]
+    if EPI > 0:
+        g, u = tl.split(tl.reshape(y, (BM, BN // 2, 2)))
+        y = _gated(g, u, 1.0, 1.0, EPI)
+        offs_o = tl.program_id(1) * (BN // 2) + tl.arange(0, BN // 2)
+        n_out = N // 2
+    else:
+        offs_o = offs_n
+        n_out = N
+    msk = mask_m[:, None] & (offs_o[None, :] < n_out)
+    if HAS_RES:
+        y += tl.load(r_ptr + row * stride_r + offs_o[None, :], mask=msk, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * stride_o + offs_o[None, :], y.to(o_ptr.dtype.element_ty), mask=msk)
+
+
+def w4a8_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
+                    group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0,
+                    epilogue: str | None = None, log2_multiplier2: int | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole linear on the FP8 prefill path; arguments and result as gemm_w4a8.w4a8_linear_triton, values
+    as reference.w4a8_linear_fp8_ref: fused per-token FP8 quantization of x, the INT4 -> FP8 conversion (the
+    gate/up multipliers folded into the row scales), cuBLAS's rowwise-scaled FP8 GEMM (bf16 out), then one
+    elementwise pass for bias / gated activation / residual / dtype where any is asked for. K and N must
+    be multiples of 16."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if k % 16 or n % 16:
+        raise ValueError(f"w4a8_linear_fp8: K ({k}) and N ({n}) must be multiples of 16")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    epi = EPILOGUES[epilogue]
+    e2 = None if not epi else (log2_multiplier if log2_multiplier2 is None else log2_multiplier2)
+    xq, xs = quantize_fp8_rows_triton(x2)
+    w8, row_scale = int4_to_fp8_triton(qweight, w_scales, log2_multiplier, k, group_size, layout_block,
+                                       log2_multiplier2=e2)
+    y = torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=row_scale.reshape(1, n), out_dtype=torch.bfloat16)
+    n_out = n // 2 if epi else n
+    if not epi and bias is None and residual is None and x.dtype == torch.bfloat16:
+        return y.reshape(*x.shape[:-1], n)
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(m, n_out)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    bm, bn = 16, 128
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    if m:
+        _linear_epilogue_kernel[grid](y, bias if bias is not None else y, r2 if r2 is not None else y, out, m, n,
+                                      y.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0),
+                                      2.0 ** -log2_multiplier, 2.0 ** -(e2 if e2 is not None else 0), BM=bm, BN=bn,
+                                      EPI=epi, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, num_warps=4)
+    return out.reshape(*x.shape[:-1], n_out)

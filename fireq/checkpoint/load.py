@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import FireqError
 from ..formats.int4 import n_groups
 from ..models.registry import arch_of, decoder_layers
-from ..nn.linear import QuantLinear
+from ..nn.linear import QuantLinear, set_prefill_fp8
 from ..nn.mlp import fuse_gated_mlps
 from ..nn.norm import swap_rms_norms
 from .format import FORMAT_VERSION, QUANT_METHOD
@@ -125,10 +125,14 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Pat
                 raise FireqError(f"{path}: {name}.log2_multiplier {e} out of range")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         prefill_fp8: bool | int = False) -> nn.Module:
     """A fireq checkpoint as a transformers causal LM running on the quantized modules.
 
     dtype: compute dtype of the non-quantized parts (default float32 on CPU, bfloat16 on CUDA).
+    prefill_fp8: True (from fireq.nn.linear.PREFILL_FP8_MIN_TOKENS tokens) or a token count: linear calls with
+    at least that many tokens take the FP8 prefill path (fireq.nn.linear.set_prefill_fp8: faster prefill,
+    weights re-rounded to FP8 with one scale a row); False (default): the INT4 GEMM's numbers everywhere.
     `generate()` uses the INT4 KV cache (fireq.nn.attention.make_cache) unless given another cache.
     """
     from accelerate import init_empty_weights
@@ -169,6 +173,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     set_attention_impl(model)
     model.to(device).eval()
     _use_int4_cache_in_generate(model)
+    if prefill_fp8:
+        set_prefill_fp8(model, prefill_fp8)
     return model
 
 

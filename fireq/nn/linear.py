@@ -54,6 +54,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._log2m: int | None = None
         self._layout_block = 0  # > 0: qweight holds the kernel layout with this block
+        self.prefill_fp8 = 0  # > 0: calls with at least this many tokens take the FP8 prefill path (set_prefill_fp8)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, act_quant: bool = True,
@@ -95,14 +96,14 @@ class QuantLinear(nn.Module):
             from fireq_kernels.ops import w4a8_linear_op  # (run one eager forward first: layout, log2m)
 
             return w4a8_linear_op(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias,
-                                  self.act_quant, self._layout_block)
+                                  self.act_quant, self._layout_block, self.prefill_fp8)
         if self.act_quant and triton_fp8_capable(x.device):
             self._to_kernel_layout()
         elif self._layout_block:  # moved off the GPU: back to the layout the reference path reads
             self.qweight = self.checkpoint_qweight()
             self._layout_block = 0
         return w4a8_linear(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias, self.act_quant,
-                           layout_block=self._layout_block)
+                           layout_block=self._layout_block, fp8_min_tokens=self.prefill_fp8)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -120,8 +121,30 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
+        fp8 = f", prefill_fp8={self.prefill_fp8}" if self.prefill_fp8 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"scales={self.scales.dtype}, act_quant={self.act_quant}")
+                f"scales={self.scales.dtype}, act_quant={self.act_quant}{fp8}")
+
+
+PREFILL_FP8_MIN_TOKENS = 1024  # where the FP8 path overtook the INT4 GEMM on the H200 (prefill-fp8-h200.json)
+
+
+def set_prefill_fp8(model: nn.Module, min_tokens: int | bool = True) -> int:
+    """Let every QuantLinear of `model` run calls of at least `min_tokens` tokens (True: PREFILL_FP8_MIN_TOKENS;
+    False or 0: never) on the FP8 prefill path: INT4 weights re-rounded to FP8 E4M3 with one scale a row, then
+    an FP8 GEMM with no per-group rescale (kernels/w4_fp8.py). Faster at prefill, not the same numbers: the
+    re-rounding is a second weight rounding (measured in benchmarks/results/). Decode (few tokens) is not
+    affected. Returns how many layers were set."""
+    if isinstance(min_tokens, bool):
+        min_tokens = PREFILL_FP8_MIN_TOKENS if min_tokens else 0
+    if min_tokens < 0:
+        raise ValueError(f"set_prefill_fp8: min_tokens must be >= 0, got {min_tokens}")
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.prefill_fp8 = int(min_tokens)
+            n += 1
+    return n
 
 
 class FakeQuantLinear(nn.Module):

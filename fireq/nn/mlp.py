@@ -63,7 +63,10 @@ class QuantGatedMLP(nn.Module):
         u._to_kernel_layout()
         q = interleave_gate_up(g.qweight, u.qweight)
         s = interleave_gate_up(g.scales, u.scales)
-        b = None if g.bias is None else interleave_gate_up(g.bias, u.bias)
+        # the gated epilogue adds the bias before each half's 2^-e (reference.w4a8_gemm_ref): pre-scaled here
+        # so that the fused layer adds the projections' own biases (exact: powers of two)
+        b = None if g.bias is None else interleave_gate_up(g.bias.float() * 2.0 ** g._log2m,
+                                                           u.bias.float() * 2.0 ** u._log2m).to(g.bias.dtype)
         # the projections keep views: one copy of the weights
         g.qweight, u.qweight = q[0::2], q[1::2]
         g.scales, u.scales = s[0::2], s[1::2]
@@ -81,18 +84,20 @@ class QuantGatedMLP(nn.Module):
             from fireq_kernels.ops import w4a8_linear_gated_op
 
             q, s, b, lb = self._fused
-            h = w4a8_linear_gated_op(x, q, s, g._log2m, u._log2m, g.group_size, b, True, lb, self.epilogue)
+            h = w4a8_linear_gated_op(x, q, s, g._log2m, u._log2m, g.group_size, b, True, lb, self.epilogue,
+                                     g.prefill_fp8)
             return self.down_proj(h)
         if not self._fusable(x):
             return self.down_proj(self.act_fn(g(x)) * u(x))
-        fused = self._fused
-        if fused is None or fused[0].device != x.device:
-            fused = self._fuse()
         for m in (g, u):
             if m._log2m is None:
                 m._log2m = int(m.log2_multiplier.item())
+        fused = self._fused
+        if fused is None or fused[0].device != x.device:
+            fused = self._fuse()
         q, s, b, lb = fused
-        h = w4a8_linear(x, q, s, g._log2m, g.group_size, b, True, lb, self.epilogue, u._log2m)
+        h = w4a8_linear(x, q, s, g._log2m, g.group_size, b, True, lb, self.epilogue, u._log2m,
+                        fp8_min_tokens=g.prefill_fp8)
         return self.down_proj(h)
 
     def _load_from_state_dict(self, *args, **kwargs):
