@@ -132,13 +132,14 @@ def w4a8_prefill_fp8_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch
 def w4a8_linear_fp8_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
                         group_size: int, bias: torch.Tensor | None = None, epilogue: str | None = None,
                         log2_multiplier2: int | None = None, residual: torch.Tensor | None = None,
-                        acc_dtype: torch.dtype = torch.float32, gemm_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                        acc_dtype: torch.dtype = torch.float32, gemm_dtype: torch.dtype = torch.bfloat16,
+                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The whole linear on the FP8 prefill path (w4_fp8.w4a8_linear_fp8), arguments as w4a8_linear_ref:
     per-token FP8 x, weights re-rounded by int4_to_fp8_ref (the gate/up multipliers folded into the row
     scales), y = bf16((xq @ w8^T) x_scale row_scale) (the rowwise-scaled FP8 GEMM writes bf16), then in
     fp32: + bias (with a gated epilogue, bias times the row's 2^-e: the INT4 GEMM adds it before the
-    multipliers), act(gate) * up, + residual, cast to x.dtype. An oracle passes acc_dtype = gemm_dtype =
-    float64 (no rounding between the GEMM and the epilogue)."""
+    multipliers), act(gate) * up, + residual, cast to out_dtype (default x.dtype). An oracle passes acc_dtype =
+    gemm_dtype = out_dtype = float64 (x is still quantized from its own dtype, as the kernel does)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     xq, xs = quantize_fp8_rows_ref(x2)
@@ -156,7 +157,7 @@ def w4a8_linear_fp8_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.
         y = gated_act_ref(y[:, 0::2], epilogue) * y[:, 1::2]
     if residual is not None:
         y = y + residual.reshape(y.shape[0], -1).to(acc_dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def kv4_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -2,6 +2,11 @@
 
     python scripts/bench_gemm.py --json benchmarks/results/gemm-h100.json [--tune] [--save-tuned FILE]
 
+From --fp8-path-from tokens on (default 256), rows also time the opt-in FP8 prefill path (kernels/w4_fp8.py:
+INT4 -> FP8 row re-rounding, then cuBLAS's rowwise-scaled FP8 GEMM), as a GEMM from FP8 x (fp8path_us) and
+as the whole linear from bf16 x (fp8path_linear_us), after checking it against its own twin; the summary's
+prefill_fp8path_* keys are its geometric means. The prefill_vs_* keys stay those of the INT4 GEMM.
+
 Shapes: Llama-3-8B linears (N x K) 6144x4096, 4096x4096, 28672x4096, 4096x14336; M in 1..8192.
 Every timing is a triton.testing.do_bench median after warm-up over inputs rotated through more than
 2x L2. Random inputs, never zeros. Correctness against a float64 reference is checked at every shape
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=None, help="e.g. 28672x4096,4096x14336")
     ap.add_argument("--no-graph", action="store_true", help="time eager calls (launch overhead included)")
+    ap.add_argument("--fp8-path-from", type=int, default=256, help="time the FP8 prefill path from this M on")
     ap.add_argument("--layout-block", type=int, default=128,
                     help="weights in the kernel layout of repack_half with this block (what QuantLinear uses on "
                          "the GPU); 0: the checkpoint layout")
@@ -51,7 +57,8 @@ def main() -> None:
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, remember_config, m_bucket, pick_config, quantize_fp8_rows_triton, repack_half,
                                          w4a8_gemm_triton,
                                          w4a8_linear_triton)
-    from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref
+    from fireq_kernels.reference import quantize_fp8_rows_ref, w4a8_gemm_ref, w4a8_prefill_fp8_ref
+    from fireq_kernels.w4_fp8 import w4a8_linear_fp8, w4a8_prefill_fp8
 
     if not args.tune:
         print(f"tuned configs loaded: {load_tuned()}", flush=True)
@@ -140,6 +147,26 @@ def main() -> None:
                        linear_vs_bf16=t_bf16 / t_lin, tflops=flops / t_ours / 1e9,
                        weight_tbps=(n * k / 2 + n * k / args.group) / t_ours / 1e9,
                        err=err, err_twin=e_twin, config=best_cfg)
+            if m >= args.fp8_path_from and lb in (0, 128):  # the FP8 prefill path, checked against its twin
+                p_ref = w4a8_prefill_fp8_ref(xq0, xs0, qw0.qweight, qw0.scales, qw0.log2_multiplier, args.group,
+                                             None, torch.float64, torch.float64)
+                p_twin = w4a8_prefill_fp8_ref(xq0, xs0, qw0.qweight, qw0.scales, qw0.log2_multiplier, args.group,
+                                              None, torch.bfloat16, torch.float32)
+                p_got = w4a8_prefill_fp8(xq0, xs0, kern_w[id(qw0)], qw0.scales, qw0.log2_multiplier, args.group,
+                                         None, torch.bfloat16, lb)
+                p_err = ((p_got.double() - p_ref).norm() / p_ref.norm()).item()
+                p_et = ((p_twin.double() - p_ref).norm() / p_ref.norm()).item()
+                assert p_err <= 2 * p_et + FP8_MMA_ACC_RTOL, ("fp8 path", p_err, p_et)
+                q8 = [quantize_fp8_rows_triton(x) for x in xs]
+                t_p = timer([lambda i=i, qw=s[1][0]: w4a8_prefill_fp8(
+                    q8[i % len(q8)][0], q8[i % len(q8)][1], kern_w[id(qw)], qw.scales, qw.log2_multiplier,
+                    args.group, None, torch.bfloat16, lb) for i, s in enumerate(sets)])
+                t_pl = timer([lambda x=x, qw=qw: w4a8_linear_fp8(x, kern_w[id(qw)], qw.scales, qw.log2_multiplier,
+                                                                 args.group, None, lb) for x, (qw, _, _) in sets])
+                row.update(fp8path_us=t_p * 1e3, fp8path_linear_us=t_pl * 1e3, fp8path_vs_bf16=t_bf16 / t_p,
+                           fp8path_vs_fp8=t_fp8 / t_p, fp8path_linear_vs_bf16=t_bf16 / t_pl,
+                           fp8path_vs_int4=t_ours / t_p, fp8path_err=p_err, fp8path_err_twin=p_et)
+                del q8
             rows.append(row)
             tuned[f"{m_bucket(m)},{n},{k},{args.group}"] = best_cfg
             print(f"N={n} K={k} M={m}: ours {row['ours_us']:.1f}us linear {row['linear_us']:.1f}us "
@@ -160,9 +187,14 @@ def main() -> None:
                    prefill_vs_bf16=gm("vs_bf16", {4096, 8192}), prefill_vs_fp8=gm("vs_fp8", {4096, 8192}),
                    linear_decode_vs_bf16=gm("linear_vs_bf16", {1, 4, 16}),
                    linear_prefill_vs_bf16=gm("linear_vs_bf16", {4096, 8192}))
+    if any("fp8path_us" in r for r in rows):
+        summary.update(prefill_fp8path_vs_bf16=gm("fp8path_vs_bf16", {4096, 8192}),
+                       prefill_fp8path_vs_fp8=gm("fp8path_vs_fp8", {4096, 8192}),
+                       linear_prefill_fp8path_vs_bf16=gm("fp8path_linear_vs_bf16", {4096, 8192}))
     print()
     print(table(rows, ["N", "K", "M", "ours_us", "linear_us", "bf16_us", "fp8_us", "vs_bf16", "vs_fp8",
-                       "linear_vs_bf16", "tflops"]))
+                       "linear_vs_bf16", "tflops", "fp8path_us", "fp8path_linear_us", "fp8path_vs_bf16",
+                       "fp8path_vs_fp8", "fp8path_vs_int4"]))
     print({k: round(v, 3) for k, v in summary.items()})
     write_json(args.json, dict(env=env, group_size=args.group, layout_block=args.layout_block, tuned=args.tune, timing="cuda_graph" if not
                                args.no_graph else "eager", rows=rows, summary=summary))

@@ -128,12 +128,14 @@ def test_linear_fp8_matches_twin(epilogue, bias, residual, dtype, lb):
     x = torch.randn(m, k, generator=g).to(dtype)
     bvec = torch.randn(n, generator=g) * 0.2 if bias else None
     res = torch.randn(m, n_out, generator=g).to(dtype) if residual else None
-    ref = w4a8_linear_fp8_ref(x.double(), q, s, e, gs, bvec, epilogue, e2, None if res is None else res.double(),
-                              torch.float64, torch.float64)
-    twin = w4a8_linear_fp8_ref(x, q, s, e, gs, bvec, epilogue, e2, res)
+    # references on DEV: CUDA's torch divides by a scalar through its reciprocal, as the quantization kernel does
+    d = dict(bias=None if bvec is None else bvec.to(DEV), epilogue=epilogue, log2_multiplier2=e2,
+             residual=None if res is None else res.to(DEV))
+    ref = w4a8_linear_fp8_ref(x.to(DEV), q.to(DEV), s.to(DEV), e, gs, acc_dtype=torch.float64,
+                              gemm_dtype=torch.float64, out_dtype=torch.float64, **d).cpu()
+    twin = w4a8_linear_fp8_ref(x.to(DEV), q.to(DEV), s.to(DEV), e, gs, **d).cpu()
     packed = repack_half(q, k, lb) if lb else q
-    got = w4a8_linear_fp8(x.to(DEV), packed.to(DEV), s.to(DEV), e, gs, None if bvec is None else bvec.to(DEV), lb,
-                          epilogue, e2, None if res is None else res.to(DEV)).cpu()
+    got = w4a8_linear_fp8(x.to(DEV), packed.to(DEV), s.to(DEV), e, gs, d["bias"], lb, epilogue, e2, d["residual"]).cpu()
     assert got.shape == (m, n_out) and got.dtype == dtype and torch.isfinite(got).all()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_twin = ((twin.double() - ref).norm() / ref.norm()).item()

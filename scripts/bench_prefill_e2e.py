@@ -1,0 +1,108 @@
+"""Prefill (time to first token) of a Llama-3-8B-shaped model (random weights): BF16 vs fireq with the INT4
+GEMM vs fireq with the opt-in FP8 prefill path (fireq.nn.linear.set_prefill_fp8), in one run.
+
+    python scripts/bench_prefill_e2e.py --json OUT.json [--layers 32] [--prompts 1024,4096,8192]
+
+- bf16: the transformers model in BF16, SDPA attention, transformers' StaticCache;
+- fireq_int4: the same model quantized in place as scripts/bench_e2e.py does (what fireq.load builds: INT4
+  g128 weights, FP8 activations, fused gate/up, INT4 KV cache), every linear on the INT4 GEMM;
+- fireq_fp8path: the same quantized model after set_prefill_fp8(model) (linears of >= 1024 tokens on the
+  FP8 path; the weights are converted to FP8 on every call, nothing extra is kept).
+Each point: GraphDecoder.prefill of a random prompt (B = 1) into a reset cache, eager, timed with CUDA
+events, median of --reps after two warm-up calls. Random weights: speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_util import env_info, table, write_json  # noqa: E402
+from bench_e2e import to_fireq  # noqa: E402
+
+
+def time_prefill(dec, ids, reps: int) -> float:
+    for _ in range(2):
+        dec.prefill(ids)
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dec.prefill(ids)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, StaticCache
+
+    from fireq.nn.attention import make_cache
+    from fireq.nn.graphs import GraphDecoder
+    from fireq.nn.linear import set_prefill_fp8
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--prompts", default="1024,4096,8192")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    env = env_info()
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=16384,
+                      rope_theta=500000.0, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    prompts = [int(p) for p in args.prompts.split(",")]
+    max_len = max(prompts) + 8
+    ids = {p: torch.randint(0, cfg.vocab_size, (1, p), device="cuda") for p in prompts}
+    res = {}
+
+    def run(tag, make_cache):
+        dec = GraphDecoder(model, 1, max_len, cache=make_cache())
+        for p in prompts:
+            res[(tag, p)] = time_prefill(dec, ids[p], args.reps)
+            print(tag, p, f"{res[(tag, p)]:.2f} ms", flush=True)
+        dec.cache = None
+        del dec
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def static_cache():
+        kw = dict(config=cfg, max_cache_len=max_len)
+        if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:
+            kw["max_batch_size"] = 1
+        return StaticCache(**kw)
+
+    with torch.no_grad():
+        run("bf16", static_cache)
+        to_fireq(model)
+        run("fireq_int4", lambda: make_cache(model, max_len))
+        n = set_prefill_fp8(model)
+        print(f"FP8 prefill path on for {n} linears", flush=True)
+        run("fireq_fp8path", lambda: make_cache(model, max_len))
+    rows = []
+    for p in prompts:
+        bf, i4, f8 = res[("bf16", p)], res[("fireq_int4", p)], res[("fireq_fp8path", p)]
+        rows.append(dict(prompt=p, bf16_ms=bf, fireq_int4_ms=i4, fireq_fp8path_ms=f8, int4_vs_bf16=bf / i4,
+                         fp8path_vs_bf16=bf / f8, fp8path_vs_int4=i4 / f8))
+    print(table(rows, ["prompt", "bf16_ms", "fireq_int4_ms", "fireq_fp8path_ms", "int4_vs_bf16", "fp8path_vs_bf16",
+                       "fp8path_vs_int4"]))
+    write_json(args.json, dict(env=env, model="Llama-3-8B shape, random weights", layers=args.layers, batch=1,
+                               timing="eager, CUDA events, median", rows=rows))
+
+
+if __name__ == "__main__":
+    main()
