@@ -6,7 +6,8 @@ Both sides decode with every step one CUDA-graph replay (fireq.nn.graphs.GraphDe
 - bf16: the transformers model in BF16 with SDPA attention over transformers' StaticCache;
 - fireq: the same model with every decoder linear swapped for a QuantLinear (INT4 g128 RTN weights, FP8
   activations; gate/up fused with SiLU-and-mul by QuantGatedMLP), the one-kernel RMSNorm (FastRMSNorm) and
-  the INT4 KV cache (the default recipe's format: asymmetric, per token per head): what fireq.load builds.
+  the INT4 KV cache (the default recipe's format: asymmetric, per token per head), q/k/v as one GEMM
+  (fireq.nn.qkv): what fireq.load builds. --no-qkv-fusion leaves q/k/v as three GEMMs.
 Per batch size: a random prompt is prefilled, then decode steps are timed with CUDA events (median of
 per-token times over the steps). Eager decode (no graph) is timed too. The first generated tokens of the
 graph and the eager path are compared (same kernels: identical). Weights are random: speed does not
@@ -42,7 +43,7 @@ def time_steps(step, n: int) -> float:
     return statistics.median(ts)
 
 
-def to_fireq(model, group: int = 128) -> None:
+def to_fireq(model, group: int = 128, no_qkv: bool = False) -> None:
     """Swap the decoder linears for QuantLinears (RTN INT4 weights) and turn on the INT4-KV attention."""
     from fireq.formats.int4 import quantize_int4
     from fireq.formats.kv import KVSpec
@@ -50,6 +51,7 @@ def to_fireq(model, group: int = 128) -> None:
     from fireq.nn import attention
     from fireq.nn.linear import QuantLinear
     from fireq.nn.mlp import fuse_gated_mlps
+    from fireq.nn.qkv import fuse_qkv
     from fireq.nn.norm import swap_rms_norms
     from fireq.pipeline import set_attention_impl
 
@@ -62,6 +64,8 @@ def to_fireq(model, group: int = 128) -> None:
             del lin
         attention.attach(layer.self_attn, attention.AttentionQuant(KVSpec(symmetric=False), True))
     fuse_gated_mlps(model)
+    if not no_qkv:
+        fuse_qkv(model)
     swap_rms_norms(model)
     set_attention_impl(model)
     torch.cuda.empty_cache()
@@ -80,6 +84,7 @@ def run_each_batch(args) -> None:
             part = os.path.join(tmp, f"b{b}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--json", part, "--layers", str(args.layers),
                    "--batches", b, "--prompt", str(args.prompt), "--steps", str(args.steps), "--one"]
+            cmd += ["--no-qkv-fusion"] if args.no_qkv_fusion else []
             r = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
             if r.returncode:  # e.g. out of memory: recorded, the other batch sizes still run
                 err = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -108,6 +113,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--one", action="store_true", help="(internal) this process measures one batch size")
+    ap.add_argument("--no-qkv-fusion", action="store_true")
     args = ap.parse_args()
     if not args.one and "," in args.batches:
         return run_each_batch(args)
@@ -165,7 +171,7 @@ def main() -> None:
     # ---- fireq: the same model quantized in place
     gc.collect()
     torch.cuda.empty_cache()
-    to_fireq(model)
+    to_fireq(model, no_qkv=args.no_qkv_fusion)
     print(f"quantized: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     from fireq.nn.attention import make_cache
 
@@ -181,7 +187,7 @@ def main() -> None:
     print(table(rows, ["B", "bf16_ms", "fireq_ms", "speedup", "bf16_tok_s", "fireq_tok_s", "bf16_eager_ms",
                        "fireq_eager_ms", "fireq_graph_equals_eager"]))
     write_json(args.json, dict(env=env, model="Llama-3-8B shape, random weights", layers=args.layers,
-                               prompt=args.prompt, steps=args.steps, rows=rows))
+                               prompt=args.prompt, steps=args.steps, qkv_fusion=not args.no_qkv_fusion, rows=rows))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class QuantLinear(nn.Module):
         self._log2m: int | None = None
         self._layout_block = 0  # > 0: qweight holds the kernel layout with this block
         self.prefill_fp8 = 0  # > 0: calls with at least this many tokens take the FP8 prefill path (set_prefill_fp8)
+        self._qkv = None  # a fireq.nn.qkv.QKVFusion shared with the layer's other projections, or None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, act_quant: bool = True,
@@ -97,6 +98,10 @@ class QuantLinear(nn.Module):
 
             return w4a8_linear_op(x, self.qweight, self.scales, self._log2m, self.group_size, self.bias,
                                   self.act_quant, self._layout_block, self.prefill_fp8)
+        if self._qkv is not None and self._qkv.applies(x):
+            y = self._qkv(self, x)
+            if y is not None:
+                return y
         if self.act_quant and triton_fp8_capable(x.device):
             self._to_kernel_layout()
         elif self._layout_block:  # moved off the GPU: back to the layout the reference path reads
@@ -114,6 +119,8 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._log2m = None
+        if self._qkv is not None:  # fresh tensors: fuse again at the next GPU forward
+            self._qkv.reset()
         if self._layout_block:  # the incoming tensor is in the checkpoint layout
             self.qweight = torch.empty(self.out_features, (self.in_features + 1) // 2, dtype=torch.uint8,
                                        device=self.qweight.device)
