@@ -90,6 +90,22 @@ def test_seqlen_bounds(tmp_path, tiny_dirs, calib_file, ckpt):
     assert "exceeds the model's 256 positions" in _fails(["eval", ckpt, "--data", calib_file, "--seqlen", "512"])
 
 
+def test_prefill_fp8_option(tiny_dirs, calib_file, ckpt, tmp_path):
+    assert "--prefill-fp8 must be >= 0" in _fails(["eval", ckpt, "--data", calib_file, "--seqlen", "16",
+                                                   "--prefill-fp8", "-3"])
+    assert "fireq checkpoints only" in _fails(["eval", tiny_dirs["llama"], "--data", calib_file, "--seqlen", "16",
+                                               "--prefill-fp8", "8"])
+    ppl = {}
+    for n in (0, 8):  # 16-token windows: with 8, every linear call takes the FP8 path (its twin on the CPU)
+        js = tmp_path / f"{n}.json"
+        r = runner.invoke(app, ["eval", str(ckpt), "--data", str(calib_file), "--seqlen", "16", "--limit", "2",
+                                "--prefill-fp8", str(n), "--json", str(js)])
+        assert r.exit_code == 0 and "perplexity" in r.output, r.output
+        ppl[n] = json.loads(js.read_text())
+    assert ppl[8]["prefill_fp8_min_tokens"] == 8 and "prefill_fp8_min_tokens" not in ppl[0]
+    assert ppl[8]["perplexity"] != ppl[0]["perplexity"]
+
+
 def _copy(ckpt, tmp_path):
     d = tmp_path / "c"
     shutil.copytree(ckpt, d)
