@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm_w4a8 import EPILOGUES, _gated, _interpreting, _round_to_fp8_grid, quantize_fp8_rows_triton, weight_geometry
+from .gemm_w4a8 import (EPILOGUES, _gated, _interpreting, _round_to_fp8_grid, quantize_fp8_rows_triton, unpack_half,
+                         weight_geometry)
 from .int4cvt import nibbles_f16, use_asm
-from .reference import fp8_row_factors
+from .reference import code_histogram, fp8_row_factors, unpack_int4_ref
 
 
 # ----------------------------------------------------------------------------- configs
@@ -123,16 +124,19 @@ def _int4_to_fp8_kernel(w_ptr, s_ptr, inv_ptr, o_ptr, N, K, KH, NGROUPS, stride_
 
 
 # ----------------------------------------------------------------------------- per-row factors, cached
-def row_factors(w_scales: torch.Tensor, log2_multiplier: int,
-                log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.fp8_row_factors, kept on the scales tensor (checked against its in-place version and e): a
-    layer calls the path with the same scales every forward, and the few small reductions cost more than
-    the conversion at 4096 x 4096. Not kept while a CUDA graph is being captured."""
-    key = (w_scales._version, log2_multiplier, log2_multiplier2, w_scales.data_ptr())
+def row_factors(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int, k: int, group_size: int,
+                layout_block: int = 0, log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.fp8_row_factors with the row scales searched over the weight's codes, kept on the scales
+    tensor (checked against both tensors' in-place versions and the multipliers): a layer calls the path
+    with the same weights every forward, and the search (a code histogram, 32 candidate scales) costs
+    more than the conversion. Not kept while a CUDA graph is being captured."""
+    key = (w_scales._version, w_scales.data_ptr(), qweight._version, qweight.data_ptr(), log2_multiplier,
+           log2_multiplier2)
     hit = getattr(w_scales, "_fireq_fp8_row_factors", None)
     if hit is not None and hit[0] == key:
         return hit[1]
-    val = fp8_row_factors(w_scales, log2_multiplier, log2_multiplier2)
+    codes = unpack_half(qweight, k, layout_block) if layout_block else unpack_int4_ref(qweight, k)
+    val = fp8_row_factors(w_scales, log2_multiplier, log2_multiplier2, code_histogram(codes, group_size))
     if not (w_scales.is_cuda and torch.cuda.is_current_stream_capturing()):
         w_scales._fireq_fp8_row_factors = (key, val)
     return val
@@ -156,7 +160,7 @@ def int4_to_fp8_triton(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multi
     _check_config(cfg, k, g, layout_block)
     if log2_multiplier2 is not None and n % 2:
         raise ValueError("int4_to_fp8_triton: interleaved gate/up rows need an even N")
-    inv_row, row_scale = row_factors(w_scales, log2_multiplier, log2_multiplier2)
+    inv_row, row_scale = row_factors(qweight, w_scales, log2_multiplier, k, g, layout_block, log2_multiplier2)
     w8 = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=qweight.device)
     per_row = per_channel or g % cfg["C"] == 0
     grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(k, cfg["C"]))
