@@ -126,8 +126,8 @@ def fp8_row_factors(w_scales: torch.Tensor, log2_multiplier: int, log2_multiplie
     if log2_multiplier2 is None:
         row_scale = row_scale * 2.0 ** -log2_multiplier
     else:
-        mult = torch.tensor([2.0 ** -log2_multiplier, 2.0 ** -log2_multiplier2], device=c.device)
-        row_scale = (row_scale.reshape(-1, 2) * mult).reshape(-1)
+        odd = torch.arange(row_scale.shape[0], device=c.device) % 2 == 1  # (no host tensor: capturable)
+        row_scale = row_scale * torch.where(odd, 2.0 ** -log2_multiplier2, 2.0 ** -log2_multiplier)
     return 1.0 / c, row_scale
 
 
@@ -187,8 +187,8 @@ def w4a8_linear_fp8_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.
     if bias is not None:
         b = bias.to(acc_dtype)
         if epilogue is not None:
-            b = (b.reshape(-1, 2) * torch.tensor([2.0 ** -log2_multiplier, 2.0 ** -e2], dtype=acc_dtype,
-                                                 device=b.device)).reshape(-1)
+            odd = torch.arange(b.shape[0], device=b.device) % 2 == 1
+            b = b * torch.where(odd, 2.0 ** -e2, 2.0 ** -log2_multiplier).to(acc_dtype)
         y = y + b
     if epilogue is not None:
         y = gated_act_ref(y[:, 0::2], epilogue) * y[:, 1::2]
