@@ -3,19 +3,23 @@ FP8 GEMM with per-token and per-channel scales (cuBLAS through torch._scaled_mm)
 
 Why: with g128 group scales, the INT4 GEMM must scale every 128-channel K tile's FP8 product separately (a
 fresh accumulator a tile), which holds it near cuBLAS BF16 speed at prefill. Writing q s_g 2^-e as
-(q * 56 s_g / max_g s_g) * (max_g s_g 2^-e / 56) puts the group scale into the FP8 value (|q ratio| <= 448)
-and leaves one scale a row, so the whole K loop is one chained FP8 MMA accumulation. The price: the product
-q ratio has more significant bits than E4M3's four and is rounded (to nearest even), so this path is not
-the INT4 GEMM's arithmetic; its twin is reference.w4a8_prefill_fp8_ref. On SmolLM2 (weight-only RTN,
-WikiText-2, 40 x 512 tokens) the re-rounding moved perplexity from 44.11 to 44.49
-(benchmarks/results/pow2-scales-smollm2.json). The conversion moves N K / 2 bytes in and N K out; on the
-H200 the rowwise-scaled cuBLAS GEMM ran at cuBLAS FP8 speed, but the first conversion kernel (per-element
-ratio gathers, byte stores) read and wrote at only 0.27-0.33 TB/s, leaving the path at 1.24x cuBLAS BF16 /
-0.70x cuBLAS FP8 at M = 4096-8192 (benchmarks/results/prefill-fp8-h200.json). The kernel below puts the
-nibbles back in channel order in registers and stores each row's tile with 16-byte vector stores (checked
-in its sm_90 PTX for aligned shapes); its speed is not measured yet.
+(q s_g / c) * (c 2^-e) puts the group scale into the FP8 value (c >= max_g s_g / 56, so |q s_g / c| <= 448)
+and leaves one scale a row, so the whole K loop is one chained FP8 MMA accumulation in cuBLAS. The price:
+q s_g / c has more significant bits than E4M3's four and is rounded (to nearest even), so this path is not
+the INT4 GEMM's arithmetic (twins: reference.int4_to_fp8_ref, w4a8_prefill_fp8_ref, w4a8_linear_fp8_ref).
+c is searched per row, once per weight (reference.fp8_row_factors over the row's code histogram: 0.4x the
+re-rounding error of c = max / 56 on SmolLM2's weights). Accuracy with every call on the path:
+benchmarks/results/prefill-fp8-accuracy-smollm2.json.
 
-Not used by default: opt in by calling w4a8_prefill_fp8 (its numbers differ from the INT4 GEMM's).
+H200 (benchmarks/results/prefill-fp8*-h200.json, convert-sweep-h200.json): the conversion moves N K / 2
+bytes in and N K out at 3.6 TB/s (a device copy of the same bytes: 3.1-3.9 TB/s): each program converts a
+(BN, C / 2) tile of bytes; in the kernel layout the low and the high nibbles of a layout block are each a
+run of channels in order and are stored as they are (16-byte stores, no register shuffle). The rowwise
+cuBLAS GEMM runs within a few percent of per-tensor cuBLAS FP8; the path at M = 4096-8192 is 1.60-1.66x
+cuBLAS BF16 and 0.91-0.96x cuBLAS FP8.
+
+Used by the linear layers when switched on (fireq.nn.linear.set_prefill_fp8, fireq.load(prefill_fp8=...)):
+ops.w4a8_linear sends calls of at least that many tokens to w4a8_linear_fp8.
 
 Layout of the input: the checkpoint layout (byte j: channels 2j, 2j + 1) or the kernel layout of
 gemm_w4a8.repack_half (byte j of a block of LB channels: channels j and j + LB/2).
