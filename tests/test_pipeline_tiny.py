@@ -174,3 +174,21 @@ def test_graph_decoder_needs_cuda(checkpoints):
     m = fireq.load(checkpoints["llama", "rtn"])
     with pytest.raises(FireqError, match="CUDA"):
         GraphDecoder(m, 1, 32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_prefill_fp8_and_qkv_fusion_set_up(checkpoints, arch):
+    """fireq.load(prefill_fp8=N): calls of >= N tokens on the FP8 path (its twin on the CPU), shorter ones on the
+    INT4 GEMM; every attention's q/k/v share one QKVFusion (active on FP8 GPUs only)."""
+    d = checkpoints[arch, "default"]
+    base, fp8 = fireq.load(d), fireq.load(d, prefill_fp8=16)
+    lins = [m for m in fp8.modules() if isinstance(m, QuantLinear)]
+    assert lins and all(m.prefill_fp8 == 16 for m in lins)
+    attn = fp8.model.layers[0].self_attn
+    assert attn.q_proj._qkv is not None and attn.q_proj._qkv is attn.v_proj._qkv
+    g = torch.Generator().manual_seed(1)
+    short, long = torch.randint(0, 1000, (1, 8), generator=g), torch.randint(0, 1000, (1, 20), generator=g)
+    with torch.no_grad():
+        assert torch.equal(fp8(short).logits, base(short).logits)
+        a, b = fp8(long).logits, base(long).logits
+    assert not torch.equal(a, b) and ((a - b).norm() / b.norm()) < 0.3  # random tiny models amplify it
