@@ -190,3 +190,22 @@ def test_row_scale_search_never_worse_than_the_largest_scale():
     plain, searched = row_err(None), row_err(code_histogram(codes, 128))
     assert (searched <= plain * (1 + 1e-9)).all()
     assert searched.sum() < 0.8 * plain.sum()
+
+
+def test_fp8_path_applies_only_where_cublas_can_run_it():
+    """The switch sends a call to the FP8 path only when it is on, the call has enough tokens, and K and N are
+    multiples of 16 (cuBLAS's FP8 GEMM); otherwise the INT4 GEMM runs, whatever the switch says."""
+    from torch import nn
+
+    from fireq.nn.linear import QuantLinear, set_prefill_fp8
+    from fireq_kernels.ops import fp8_path_applies
+    from fireq_kernels.reference import w4a8_linear_ref
+
+    assert fp8_path_applies(1024, 4096, 4096, 1024) and not fp8_path_applies(1023, 4096, 4096, 1024)
+    assert not fp8_path_applies(4096, 4096, 4096, 0) and not fp8_path_applies(4096, 4104, 4096, 16)
+    assert not fp8_path_applies(4096, 4096, 4100, 16)
+    qw = _weights(40, 200, 64, 9)  # K = 200: not a multiple of 16
+    model = nn.Sequential(QuantLinear.from_quantized(qw, None, dtype=torch.float32))
+    set_prefill_fp8(model, 2)
+    x = torch.randn(3, 200)
+    assert torch.equal(model(x), w4a8_linear_ref(x, qw.qweight, qw.scales, qw.log2_multiplier, 64))
