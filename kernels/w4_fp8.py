@@ -176,6 +176,20 @@ def int4_to_fp8_triton(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multi
     return w8, row_scale
 
 
+def _fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+              log2_multiplier: int, group_size: int, layout_block: int, log2_multiplier2: int | None = None,
+              who: str = "w4a8_prefill_fp8") -> torch.Tensor:
+    """The conversion, then cuBLAS's rowwise-scaled FP8 GEMM: (M, N) bf16 = bf16((xq @ w8^T) x_scale row_scale)."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if k % 16 or n % 16:
+        raise ValueError(f"{who}: K ({k}) and N ({n}) must be multiples of 16")
+    w8, row_scale = int4_to_fp8_triton(qweight, w_scales, log2_multiplier, k, group_size, layout_block,
+                                       log2_multiplier2=log2_multiplier2)
+    return torch._scaled_mm(xq, w8.t(), scale_a=x_scale.reshape(m, 1).float().contiguous(),
+                            scale_b=row_scale.reshape(1, n), out_dtype=torch.bfloat16)
+
+
 def w4a8_prefill_fp8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                      log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
                      out_dtype: torch.dtype = torch.bfloat16, layout_block: int = 0) -> torch.Tensor:
@@ -183,13 +197,7 @@ def w4a8_prefill_fp8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     int4_to_fp8_triton; bias: (N,) or None -> (M, N) out_dtype. K and N must be multiples of 16 (cuBLAS)."""
     if xq.dtype != torch.float8_e4m3fn or xq.dim() != 2:
         raise TypeError("w4a8_prefill_fp8: xq must be a 2-D float8_e4m3fn tensor")
-    m, k = xq.shape
-    n = qweight.shape[0]
-    if k % 16 or n % 16:
-        raise ValueError(f"w4a8_prefill_fp8: K ({k}) and N ({n}) must be multiples of 16")
-    w8, row_scale = int4_to_fp8_triton(qweight, w_scales, log2_multiplier, k, group_size, layout_block)
-    out = torch._scaled_mm(xq.contiguous(), w8.t(), scale_a=x_scale.reshape(m, 1).float().contiguous(),
-                           scale_b=row_scale.reshape(1, n).contiguous(), out_dtype=torch.bfloat16)
+    out = _fp8_gemm(xq.contiguous(), x_scale, qweight, w_scales, log2_multiplier, group_size, layout_block)
     if bias is not None:
         out = out.float() + bias.float()
     return out.to(out_dtype)
@@ -238,7 +246,7 @@ def w4a8_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
     be multiples of 16."""
     k = x.shape[-1]
     n = qweight.shape[0]
-    if k % 16 or n % 16:
+    if k % 16 or n % 16:  # before the activations are quantized
         raise ValueError(f"w4a8_linear_fp8: K ({k}) and N ({n}) must be multiples of 16")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -247,9 +255,7 @@ def w4a8_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
     epi = EPILOGUES[epilogue]
     e2 = None if not epi else (log2_multiplier if log2_multiplier2 is None else log2_multiplier2)
     xq, xs = quantize_fp8_rows_triton(x2)
-    w8, row_scale = int4_to_fp8_triton(qweight, w_scales, log2_multiplier, k, group_size, layout_block,
-                                       log2_multiplier2=e2)
-    y = torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=row_scale.reshape(1, n), out_dtype=torch.bfloat16)
+    y = _fp8_gemm(xq, xs, qweight, w_scales, log2_multiplier, group_size, layout_block, e2, "w4a8_linear_fp8")
     n_out = n // 2 if epi else n
     if not epi and bias is None and residual is None and x.dtype == torch.bfloat16:
         return y.reshape(*x.shape[:-1], n)

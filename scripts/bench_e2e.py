@@ -43,6 +43,27 @@ def time_steps(step, n: int) -> float:
     return statistics.median(ts)
 
 
+def llama3_8b(layers: int, max_positions: int = 8192):
+    """A Llama-3-8B-shaped model (random weights) in BF16 on the GPU, SDPA attention."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max_positions,
+                      rope_theta=500000.0, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+
+
+def static_cache(config, max_len: int, batch: int):
+    """transformers' StaticCache for the BF16 baseline (max_batch_size where this transformers takes it)."""
+    from transformers import StaticCache
+
+    kw = dict(config=config, max_cache_len=max_len)
+    if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:
+        kw["max_batch_size"] = batch
+    return StaticCache(**kw)
+
+
 def to_fireq(model, group: int = 128, no_qkv: bool = False) -> None:
     """Swap the decoder linears for QuantLinears (RTN INT4 weights) and turn on the INT4-KV attention."""
     from fireq.formats.int4 import quantize_int4
@@ -102,8 +123,6 @@ def run_each_batch(args) -> None:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from fireq.nn.graphs import GraphDecoder
 
     ap = argparse.ArgumentParser()
@@ -123,11 +142,8 @@ def main() -> None:
     env["transformers"] = transformers.__version__
     dev = "cuda"
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                      rope_theta=500000.0, tie_word_embeddings=False)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model = llama3_8b(args.layers)
+    cfg = model.config
     print(f"bf16 model: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     max_len = args.prompt + args.steps + 8
@@ -159,15 +175,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # ---- BF16 baseline: transformers' StaticCache
-    from transformers import StaticCache
-
-    def static_cache(b):
-        kw = dict(config=cfg, max_cache_len=max_len)
-        if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:
-            kw["max_batch_size"] = b
-        return StaticCache(**kw)
-
-    run("bf16", static_cache)
+    run("bf16", lambda b: static_cache(cfg, max_len, b))
     # ---- fireq: the same model quantized in place
     gc.collect()
     torch.cuda.empty_cache()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import env_info, table, write_json  # noqa: E402
-from bench_e2e import to_fireq  # noqa: E402
+from bench_e2e import llama3_8b, static_cache, to_fireq  # noqa: E402
 
 
 def time_prefill(dec, ids, reps: int) -> float:
@@ -43,8 +42,6 @@ def time_prefill(dec, ids, reps: int) -> float:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig, StaticCache
-
     from fireq.nn.attention import make_cache
     from fireq.nn.graphs import GraphDecoder
     from fireq.nn.linear import set_prefill_fp8
@@ -60,11 +57,8 @@ def main() -> None:
 
     env["transformers"] = transformers.__version__
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=16384,
-                      rope_theta=500000.0, tie_word_embeddings=False)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model = llama3_8b(args.layers, max_positions=16384)
+    cfg = model.config
     prompts = [int(p) for p in args.prompts.split(",")]
     max_len = max(prompts) + 8
     ids = {p: torch.randint(0, cfg.vocab_size, (1, p), device="cuda") for p in prompts}
@@ -80,14 +74,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    def static_cache():
-        kw = dict(config=cfg, max_cache_len=max_len)
-        if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:
-            kw["max_batch_size"] = 1
-        return StaticCache(**kw)
-
     with torch.no_grad():
-        run("bf16", static_cache)
+        run("bf16", lambda: static_cache(cfg, max_len, 1))
         to_fireq(model)
         run("fireq_int4", lambda: make_cache(model, max_len))
         n = set_prefill_fp8(model)
