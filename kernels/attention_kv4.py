@@ -66,7 +66,15 @@ DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp 
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
 BIAS_MMA = True
+# staged prefill, fp16 P.V: V staged as codes times their scale (exact with FP8 scales), no V scale in the loop
+STAGED_V_SCALED = True
+# staged prefill with V scaled: the running max (and the accumulator's rescale) moves only when some row's
+# max grew by more than 2^LAZY_TH
+STAGED_LAZY = False
+# staged prefill, whole tiles without bias: Q.K^T of the next tile issued before this tile's softmax
+STAGED_PIPE = False
 PV_RANGE = tl.constexpr(256.0)
+LAZY_TH = tl.constexpr(8.0)  # lazy rescale (staged prefill, fp16 P): P may reach 2^8 before the max moves
 STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
 
@@ -385,10 +393,12 @@ def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_o
 def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk_ptr, Lk,
               s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl, s_vob, s_voh, s_vol, s_vod,
               HKV: tl.constexpr, D: tl.constexpr, SYM: tl.constexpr, PV_FP8: tl.constexpr,
-              HAS_LENS: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr):
+              HAS_LENS: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr, V_SCALED: tl.constexpr):
     """The INT4 cache of one (batch, KV head) as MMA-ready codes, once per call (one scale a token):
-    K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (PV_FP8) FP8 codes along
-    tokens (D, Lk) with the largest V scale of the head's valid keys (atomic max) in vmax."""
+    K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (V_SCALED) fp16 values codes
+    times the token's scale (exact: a 4-bit code times an FP8 scale has at most 7 significant bits and
+    stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk) with the largest V scale of
+    the head's valid keys (atomic max) in vmax."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -418,6 +428,10 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
         vlo, vhi = nibbles_fp8(vc, vz, SYM, not SYM, ASM)
     else:
         vlo, vhi = nibbles_f16(vc, vz, SYM, not SYM, ASM)
+        if V_SCALED:
+            vsc = tl.load(vs_ptr + sbase, mask=ok, other=0.0).to(tl.float16)[:, None]
+            vlo = vlo * vsc
+            vhi = vhi * vsc
     vdst = b * s_vob + hk * s_voh + tok[:, None] * s_vol + offs[None, :] * s_vod
     tl.store(vo_ptr + vdst, vlo, mask=ok[:, None])
     tl.store(vo_ptr + vdst + (D // 2) * s_vod, vhi, mask=ok[:, None])
@@ -481,6 +495,30 @@ def _split_bias_keys(kb_ptr, out_ptr, L, s_kbb, s_kbh, s_kbl, RT: tl.constexpr, 
 
 
 @triton.jit
+def _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i, acc, qk_scale,
+                      BN: tl.constexpr, D: tl.constexpr):
+    """The staged prefill's whole-tile key loop (no masks, no bias, V staged with its scales, TMA) with
+    Q.K^T one tile ahead: the product for the next tile is issued before this tile's softmax, so the
+    tensor cores work on it while the softmax runs (the last iteration's look-ahead reads zeros or the
+    next tile and is dropped)."""
+    s_nxt = tl.dot(q, tl.trans(k8_ptr.load([bh, p_lo, 0]).reshape(BN, D)))
+    for start in range(p_lo, p_hi, BN):
+        kpos = start + tl.arange(0, BN)
+        ksc = tl.load(ks_ptr + sbase + kpos * s_ksl).to(tl.float32)
+        s = s_nxt * ksc[None, :]
+        s_nxt = tl.dot(q, tl.trans(k8_ptr.load([bh, start + BN, 0]).reshape(BN, D)))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale[:, None] - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        vt = vo_ptr.load([bh, start, 0]).reshape(BN, D)
+        acc = tl.dot(p.to(tl.float16), vt, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_staged(
     q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, out_ptr, lq_ptr, lk_ptr,
     Lq, Lk, sm_scale, window,
@@ -491,7 +529,7 @@ def _attn_fwd_staged(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
     PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, BIAS_MMA: tl.constexpr,
-    BIAS_BF16: tl.constexpr,
+    BIAS_BF16: tl.constexpr, V_SCALED: tl.constexpr, LAZY: tl.constexpr = False, PIPE: tl.constexpr = False,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
@@ -528,11 +566,16 @@ def _attn_fwd_staged(
     sbase = b * s_ksb + hk * s_ksh
     for phase in tl.static_range(2):
         p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
+        if PIPE and phase == 0:
+            m_i, l_i, acc = _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i,
+                                              acc, qk_scale, BN, D)
+            p_lo = p_hi
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
             ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
-            vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+            if not V_SCALED:
+                vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 if BIAS_MMA:
                     kmat = tl.load(kb_base + kpos[:, None] * s_kbl + offs_c[None, :], mask=k_ok[:, None], other=0.0)
@@ -558,11 +601,22 @@ def _attn_fwd_staged(
                     s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
                                   bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
             s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            if LAZY:  # rescale only when some row's max grew by more than 2^LAZY_TH (P stays <= 2^LAZY_TH)
+                grow = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), axis=0)
+                if grow > LAZY_TH:
+                    alpha = tl.exp2(m_i - m_safe)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_new
+                m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+                p = tl.exp2(s * qk_scale[:, None] - m_use[:, None])
+                l_i = l_i + tl.sum(p, axis=1)
+            else:
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None]
+                m_i = m_new
             if TMA:
                 if PV_FP8:
                     vt = tl.trans(vo_ptr.load([bh, 0, start]).reshape(D, BN))
@@ -577,6 +631,8 @@ def _attn_fwd_staged(
                 if EXACT_ROUND:
                     pv = _round_to_fp8_grid(pv)
                 acc = tl.dot(pv.to(tl.float8e4nv), vt, acc)
+            elif V_SCALED:  # V staged as codes times scales: P alone rounds to fp16
+                acc = tl.dot(p.to(tl.float16), vt, acc)
             else:
                 acc = tl.dot((p * vsc[None, :]).to(tl.float16), vt, acc)
     acc = tl.where(row_ok[:, None], acc, 0.0)
@@ -590,13 +646,17 @@ def _attn_fwd_staged(
 
 def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
                     v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
-                    seqlens_k: torch.Tensor | None = None, block_t: int = 64):
+                    seqlens_k: torch.Tensor | None = None, block_t: int = 64, v_scaled: bool | None = None):
     """The INT4 cache (one scale a token) as MMA operands for the staged prefill: (k8 (B, Hkv, Lk, D)
     float8 codes, vo, vmax) with vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
     (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
     the largest V scale of each head's valid keys (None without pv_fp8). Codes minus zero points: exact
     small integers. With seqlens_k only the first seqlens_k[b] keys rounded up to STAGE_ALIGN are written
-    (the rest of a long static-cache buffer is never read). Twin: reference.stage_kv_ref."""
+    (the rest of a long static-cache buffer is never read). v_scaled (fp16 V only; None: when the scales
+    are FP8, where it is exact): V as fp16 codes times their token's scale, so the attention loop needs no
+    V scale. Twin: reference.stage_kv_ref."""
+    if v_scaled is None:
+        v_scaled = staged_v_scaled(v_scale, pv_fp8)
     bsz, hkv, lk, dh = k.shape
     d = 2 * dh
     dev = k.device
@@ -615,8 +675,15 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
         k, k_zero if not sym else dummy, v, v_zero if not sym else dummy, v_scale, k8, vo,
         vmax if pv_fp8 else dummy, seqlens_k if has_lens else dummy, lk,
         k.stride(0), k.stride(1), k.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm())
+        *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm(),
+        V_SCALED=v_scaled and not pv_fp8)
     return k8, vo, vmax
+
+
+def staged_v_scaled(v_scale: torch.Tensor, pv_fp8: bool) -> bool:
+    """Whether the staged prefill stages V as fp16 codes times scales (STAGED_V_SCALED, fp16 P.V, FP8
+    scales: the products are exact in fp16)."""
+    return STAGED_V_SCALED and not pv_fp8 and v_scale.dtype == torch.float8_e4m3fn
 
 
 def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
@@ -743,7 +810,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     kb_h = 0 if not has_bias else (0 if k_bias.shape[1] == 1 else k_bias.stride(1))
     dummy = q_scale
     if staged:
-        k8, vo, vmax = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None)
+        v_scaled = staged_v_scaled(v_scale, pv_fp8)
+        k8, vo, vmax = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
+                                       v_scaled=v_scaled)
         tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
         k8_arg, vo_arg = k8, vo
         if tma:
@@ -778,7 +847,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
             PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, BIAS_MMA=bias_mma, BIAS_BF16=bias_mma and q8.is_cuda,
-            num_warps=num_warps,
+            V_SCALED=v_scaled, LAZY=STAGED_LAZY and v_scaled,
+            PIPE=STAGED_PIPE and v_scaled and tma and not has_bias and not pv_fp8, num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)

@@ -254,11 +254,12 @@ def _pv_fp8(s: torch.Tensor, vv: torch.Tensor, vs: torch.Tensor) -> torch.Tensor
 
 def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
                  v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
-                 seqlens_k: torch.Tensor | None = None):
+                 seqlens_k: torch.Tensor | None = None, v_scaled: bool = False):
     """Twin of attention_kv4.stage_kv_triton. k, v: (B, Hkv, Lk, D/2) uint8 codes of one group a token;
     v_scale: (B, Hkv, Lk, 1); k_zero, v_zero: (B, Hkv, Lk, 1) uint8 or None. Returns (k8 (B, Hkv, Lk, D)
     float8 codes, vo (B, Hkv, Lk, D) fp16 or (pv_fp8) float8 codes, vmax (B * Hkv,) fp32 the largest
-    V scale of each head's first seqlens_k[b] keys, or None)."""
+    V scale of each head's first seqlens_k[b] keys, or None). v_scaled (fp16 V): codes times the token's
+    V scale, rounded to fp16 (exact for FP8 scales)."""
     from fireq.formats.kv import unpack_kv_codes
 
     d = 2 * k.shape[-1]
@@ -270,6 +271,8 @@ def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero
         vc = vc - v_zero.float()
     k8 = kc.to(torch.float8_e4m3fn)
     if not pv_fp8:
+        if v_scaled:
+            vc = vc * v_scale.float()
         return k8, vc.to(torch.float16), None
     vs = v_scale[..., 0].float()
     if seqlens_k is not None:

@@ -240,18 +240,19 @@ def test_strided_cache_views(lq, splits):
 
 
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("pv_fp8", [False, True])
-def test_stage_kv_matches_twin(sym, pv_fp8):
+@pytest.mark.parametrize("pv_fp8,v_scaled", [(False, False), (False, True), (True, False)])
+def test_stage_kv_matches_twin(sym, pv_fp8, v_scaled):
     """The staging kernel (the cache as MMA-ready codes for the staged prefill) equals its twin exactly,
-    V along tokens for the FP8 P.V; the largest V scale only over each sequence's valid keys."""
+    V along tokens for the FP8 P.V, V as codes times scales for v_scaled; the largest V scale only over
+    each sequence's valid keys."""
     spec = KVSpec(symmetric=sym)
     d = 64 if GPU else 32
     _, _, qk, qv, _, _ = _case(3, 2, 2, 1, 37, d, spec, seed=11 + sym + 2 * pv_fp8)
     lens = torch.tensor([37, 20, 5])
     dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), dv(qk.zeros), dv(qv.zeros),
-                          pv_fp8, lens.to(DEV, torch.int32), block_t=16)
-    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, qk.zeros, qv.zeros, pv_fp8, lens)
+                          pv_fp8, lens.to(DEV, torch.int32), block_t=16, v_scaled=v_scaled)
+    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, qk.zeros, qv.zeros, pv_fp8, lens, v_scaled=v_scaled)
     assert torch.equal(got[0].cpu().float(), want[0].float())
     assert torch.equal(got[1].cpu().float(), want[1].float())
     if pv_fp8:
@@ -274,6 +275,23 @@ def test_staged_prefill(pv_fp8, b, hq, hkv, lq, lk, causal, window, bias_r):
     for spec in (KVSpec(), KVSpec(symmetric=False)):
         _run(b, hq, hkv, lq, lk, 32, spec, causal, window, 1, seed=lq + lk + bias_r + 3 * window,
              bias_r=bias_r, pv_fp8=pv_fp8, staged=True)
+
+
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,causal,window,bias_r", [
+    (1, 4, 2, 33, 33, True, 0, 0), (1, 2, 2, 36, 36, True, 9, 2)])
+def test_staged_prefill_v_unscaled(b, hq, hkv, lq, lk, causal, window, bias_r):
+    """The staged prefill with V staged as plain codes and its scales applied to P in the loop: bf16 scales
+    (codes times a bf16 scale are not always exact in fp16), and FP8 scales with STAGED_V_SCALED off."""
+    from fireq_kernels import attention_kv4
+
+    for spec in (KVSpec(scale_dtype="bf16"), KVSpec(symmetric=False, scale_dtype="bf16")):
+        _run(b, hq, hkv, lq, lk, 32, spec, causal, window, 1, seed=lq + 5, bias_r=bias_r, staged=True)
+    old = attention_kv4.STAGED_V_SCALED
+    attention_kv4.STAGED_V_SCALED = False
+    try:
+        _run(b, hq, hkv, lq, lk, 32, KVSpec(), causal, window, 1, seed=lq + 6, bias_r=bias_r, staged=True)
+    finally:
+        attention_kv4.STAGED_V_SCALED = old
 
 
 def test_staged_ragged_batch_and_strided_out():
@@ -380,7 +398,7 @@ def test_staged_long_buffer_stages_only_the_used_keys():
     lens_q = torch.tensor([20, 9, 3], dtype=torch.int32)
     lens_k = torch.tensor([560, 100, 3], dtype=torch.int32)
     k8, vo, _ = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), seqlens_k=lens_k.to(DEV))
-    want = stage_kv_ref(qk.packed, qv.packed, qv.scales)
+    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, v_scaled=True)  # FP8 scales: V staged times scales
     for i in range(b):
         n = min(lk, -(-int(lens_k[i]) // STAGE_ALIGN.value) * STAGE_ALIGN.value)
         assert torch.equal(k8[i, :, :n].cpu().float(), want[0][i, :, :n].float())
