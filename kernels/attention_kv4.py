@@ -73,6 +73,9 @@ STAGED_V_SCALED = True
 STAGED_LAZY = False
 # staged prefill, whole tiles without bias: Q.K^T of the next tile issued before this tile's softmax
 STAGED_PIPE = False
+STAGED_KS_TMA = False  # the key scales by a tensor-memory descriptor (sm_90+)
+STAGED_KS_TMA_BIAS = True  # ... also with bias factors
+STAGED_NOKSC_DIAG = False  # diagnostic only: drop the key scales (wrong results; the cost of applying them)
 PV_RANGE = tl.constexpr(256.0)
 LAZY_TH = tl.constexpr(8.0)  # lazy rescale (staged prefill, fp16 P): P may reach 2^8 before the max moves
 STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
@@ -390,15 +393,17 @@ def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_o
 
 
 @triton.jit
-def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk_ptr, Lk,
+def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk_ptr, ks_ptr, ks32_ptr, Lk,
               s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl, s_vob, s_voh, s_vol, s_vod,
               HKV: tl.constexpr, D: tl.constexpr, SYM: tl.constexpr, PV_FP8: tl.constexpr,
-              HAS_LENS: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr, V_SCALED: tl.constexpr):
+              HAS_LENS: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr, V_SCALED: tl.constexpr,
+              KS32: tl.constexpr):
     """The INT4 cache of one (batch, KV head) as MMA-ready codes, once per call (one scale a token):
     K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (V_SCALED) fp16 values codes
     times the token's scale (exact: a 4-bit code times an FP8 scale has at most 7 significant bits and
     stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk) with the largest V scale of
-    the head's valid keys (atomic max) in vmax."""
+    the head's valid keys (atomic max) in vmax. KS32: the key scales also as a (B * Hkv, Lk) fp32 copy
+    (for tensor-memory loads of any tile width)."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -424,6 +429,8 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
     dst = (bh * Lk + tok[:, None]) * D + offs[None, :]  # k8: (B, Hkv, Lk, D) contiguous
     tl.store(k8_ptr + dst, klo, mask=ok[:, None])
     tl.store(k8_ptr + dst + D // 2, khi, mask=ok[:, None])
+    if KS32:
+        tl.store(ks32_ptr + bh * Lk + tok, tl.load(ks_ptr + sbase, mask=ok, other=0.0).to(tl.float32), mask=ok)
     if PV_FP8:
         vlo, vhi = nibbles_fp8(vc, vz, SYM, not SYM, ASM)
     else:
@@ -496,17 +503,27 @@ def _split_bias_keys(kb_ptr, out_ptr, L, s_kbb, s_kbh, s_kbl, RT: tl.constexpr, 
 
 @triton.jit
 def _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i, acc, qk_scale,
-                      BN: tl.constexpr, D: tl.constexpr):
-    """The staged prefill's whole-tile key loop (no masks, no bias, V staged with its scales, TMA) with
-    Q.K^T one tile ahead: the product for the next tile is issued before this tile's softmax, so the
-    tensor cores work on it while the softmax runs (the last iteration's look-ahead reads zeros or the
-    next tile and is dropped)."""
+                      qmat, kb_base, s_kbl, BN: tl.constexpr, D: tl.constexpr, KS_TMA: tl.constexpr,
+                      BIAS: tl.constexpr, BIAS_BF16: tl.constexpr):
+    """The staged prefill's whole-tile key loop (no masks, V staged with its scales, TMA; BIAS: the R <= 2
+    bias as the chained bf16 MMA) with Q.K^T one tile ahead: the product for the next tile is issued
+    before this tile's softmax (the last iteration's look-ahead reads zeros or the next tile and is
+    dropped)."""
     s_nxt = tl.dot(q, tl.trans(k8_ptr.load([bh, p_lo, 0]).reshape(BN, D)))
     for start in range(p_lo, p_hi, BN):
-        kpos = start + tl.arange(0, BN)
-        ksc = tl.load(ks_ptr + sbase + kpos * s_ksl).to(tl.float32)
+        if KS_TMA:
+            ksc = ks_ptr.load([bh, start]).reshape(BN).to(tl.float32)
+        else:
+            ksc = tl.load(ks_ptr + sbase + (start + tl.arange(0, BN)) * s_ksl).to(tl.float32)
+        if BIAS:
+            kmat = tl.load(kb_base + (start + tl.arange(0, BN))[:, None] * s_kbl + tl.arange(0, 16)[None, :])
         s = s_nxt * ksc[None, :]
         s_nxt = tl.dot(q, tl.trans(k8_ptr.load([bh, start + BN, 0]).reshape(BN, D)))
+        if BIAS:
+            if BIAS_BF16:
+                s = tl.dot(qmat, tl.trans(kmat), s)
+            else:
+                s = tl.dot(qmat, tl.trans(kmat), s, input_precision="ieee")
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale[:, None] - m_new[:, None])
@@ -530,6 +547,7 @@ def _attn_fwd_staged(
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
     PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, BIAS_MMA: tl.constexpr,
     BIAS_BF16: tl.constexpr, V_SCALED: tl.constexpr, LAZY: tl.constexpr = False, PIPE: tl.constexpr = False,
+    KS_TMA: tl.constexpr = False, NOKSC_DIAG: tl.constexpr = False,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
@@ -567,13 +585,22 @@ def _attn_fwd_staged(
     for phase in tl.static_range(2):
         p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
         if PIPE and phase == 0:
-            m_i, l_i, acc = _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i,
-                                              acc, qk_scale, BN, D)
+            if HAS_BIAS:
+                m_i, l_i, acc = _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i,
+                                                  acc, qk_scale, qmat, kb_base, s_kbl, BN, D, KS_TMA, True, BIAS_BF16)
+            else:
+                m_i, l_i, acc = _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i,
+                                                  acc, qk_scale, q, ks_ptr, 0, BN, D, KS_TMA, False, False)
             p_lo = p_hi
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
-            ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
+            if KS_TMA:  # (B * Hkv, Lk) descriptor, tiles of BN scales (past Lk: zeros)
+                ksc = ks_ptr.load([bh, start]).reshape(BN).to(tl.float32)
+            elif phase == 0:
+                ksc = tl.load(ks_ptr + sbase + kpos * s_ksl).to(tl.float32)
+            else:
+                ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             if not V_SCALED:
                 vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -590,7 +617,10 @@ def _attn_fwd_staged(
                 k8 = tl.load(kp)
             else:
                 k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
+            if NOKSC_DIAG:  # diagnostic only (wrong scores): the cost of the key scales
+                s = tl.dot(q, tl.trans(k8))
+            else:
+                s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
             if HAS_BIAS:
                 if BIAS_MMA:
                     if BIAS_BF16:
@@ -646,7 +676,8 @@ def _attn_fwd_staged(
 
 def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
                     v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
-                    seqlens_k: torch.Tensor | None = None, block_t: int = 64, v_scaled: bool | None = None):
+                    seqlens_k: torch.Tensor | None = None, block_t: int = 64, v_scaled: bool | None = None,
+                    k_scale: torch.Tensor | None = None):
     """The INT4 cache (one scale a token) as MMA operands for the staged prefill: (k8 (B, Hkv, Lk, D)
     float8 codes, vo, vmax) with vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
     (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
@@ -654,7 +685,8 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
     small integers. With seqlens_k only the first seqlens_k[b] keys rounded up to STAGE_ALIGN are written
     (the rest of a long static-cache buffer is never read). v_scaled (fp16 V only; None: when the scales
     are FP8, where it is exact): V as fp16 codes times their token's scale, so the attention loop needs no
-    V scale. Twin: reference.stage_kv_ref."""
+    V scale. k_scale (sharing v_scale's strides): also returns the key scales as a (B, Hkv, Lk) fp32 copy,
+    (k8, vo, vmax, ks32). Twin: reference.stage_kv_ref."""
     if v_scaled is None:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
     bsz, hkv, lk, dh = k.shape
@@ -671,12 +703,20 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
         vmax = None
     has_lens = seqlens_k is not None
     dummy = v_scale
+    ks32 = None
+    if k_scale is not None:
+        if k_scale.shape != v_scale.shape or k_scale.stride() != v_scale.stride():
+            raise ValueError("stage_kv_triton: k_scale must match v_scale's shape and strides")
+        ks32 = torch.empty((bsz, hkv, lk), dtype=torch.float32, device=dev)
     _stage_kv[(triton.cdiv(lk, block_t), bsz * hkv)](
         k, k_zero if not sym else dummy, v, v_zero if not sym else dummy, v_scale, k8, vo,
-        vmax if pv_fp8 else dummy, seqlens_k if has_lens else dummy, lk,
+        vmax if pv_fp8 else dummy, seqlens_k if has_lens else dummy, k_scale if ks32 is not None else dummy,
+        ks32 if ks32 is not None else dummy, lk,
         k.stride(0), k.stride(1), k.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm(),
-        V_SCALED=v_scaled and not pv_fp8)
+        V_SCALED=v_scaled and not pv_fp8, KS32=ks32 is not None)
+    if ks32 is not None:
+        return k8, vo, vmax, ks32
     return k8, vo, vmax
 
 
@@ -811,9 +851,12 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     dummy = q_scale
     if staged:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
-        k8, vo, vmax = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
-                                       v_scaled=v_scaled)
         tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
+        ks_tma = (STAGED_KS_TMA and tma and (STAGED_KS_TMA_BIAS or not has_bias) and lk % 4 == 0
+                  and k_scale.stride() == v_scale.stride())
+        staged_kv = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
+                                    v_scaled=v_scaled, k_scale=k_scale if ks_tma else None)
+        k8, vo, vmax = staged_kv[:3]
         k8_arg, vo_arg = k8, vo
         if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -824,6 +867,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                 vo_arg = TensorDescriptor(vo.transpose(2, 3), [bsz * hkv, d, lk], [st[1], st[3], 1], [1, d, bn])
             else:
                 vo_arg = TensorDescriptor(vo, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
+        ks_arg = k_scale
+        if ks_tma:  # the fp32 copy of the key scales the staging pass wrote, rows of lk * 4 bytes
+            ks_arg = TensorDescriptor(staged_kv[3], [bsz * hkv, lk], [lk, 1], [1, bn])
         bias_mma = BIAS_MMA and has_bias and rt <= 2
         if bias_mma:  # its (BN, 16) operand is one more tile a stage: with 3 stages (FP8 P.V's best) a program
             num_stages = min(num_stages, 2)  # no longer leaves room for a second one an SM (1.8x slower, H100)
@@ -837,7 +883,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             kb_arg = kbm
             kb_strides = (kbm.stride(0), 0 if kbm.shape[1] == 1 else kbm.stride(1), kbm.stride(2))
         _attn_fwd_staged[(triton.cdiv(rows, bm), bsz * hkv)](
-            q8, q_scale, k8_arg, k_scale, vo_arg, v_scale, vmax if pv_fp8 else dummy,
+            q8, q_scale, k8_arg, ks_arg, vo_arg, v_scale, vmax if pv_fp8 else dummy,
             q_bias if has_bias else dummy, kb_arg if has_bias else dummy, out,
             seqlens_q if has_lens else dummy, seqlens_k if has_lens else dummy,
             lq, lk, sm_scale, window,
@@ -848,7 +894,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
             PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, BIAS_MMA=bias_mma, BIAS_BF16=bias_mma and q8.is_cuda,
             V_SCALED=v_scaled, LAZY=STAGED_LAZY and v_scaled,
-            PIPE=STAGED_PIPE and v_scaled and tma and not has_bias and not pv_fp8, num_warps=num_warps,
+            PIPE=STAGED_PIPE and v_scaled and tma and (bias_mma or not has_bias) and not pv_fp8, KS_TMA=ks_tma,
+            NOKSC_DIAG=STAGED_NOKSC_DIAG, num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)

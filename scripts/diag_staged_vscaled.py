@@ -1,5 +1,6 @@
 """Staged prefill variants against SDPA in one run (GPU): V staged as codes times scales (no V scale in the
-key loop), the lazy rescale of the running max, Q.K^T issued one tile ahead, over tile configs.
+key loop), the lazy rescale of the running max, Q.K^T issued one tile ahead, the key scales by a TMA
+descriptor, and (diagnostic, wrong results) no key scales, over tile configs.
 
     python scripts/diag_staged_vscaled.py --json benchmarks/results/attn-vscaled-diag-h200.json
 
@@ -21,11 +22,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import bench_graph, env_info, geomean, table, write_json  # noqa: E402
 
-VARIANTS = {  # name: (STAGED_V_SCALED, STAGED_LAZY, STAGED_PIPE)
-    "base": (False, False, False),
-    "vscaled": (True, False, False),
-    "vscaled_lazy": (True, True, False),
-    "vscaled_pipe": (True, False, True),
+VARIANTS = {  # name: (STAGED_V_SCALED, STAGED_LAZY, STAGED_PIPE, STAGED_KS_TMA, STAGED_NOKSC_DIAG,
+    #                    STAGED_KS_TMA_BIAS)
+    "base": (False, False, False, False, False, False),
+    "vscaled": (True, False, False, False, False, False),
+    "vscaled_lazy": (True, True, False, False, False, False),
+    "vscaled_pipe": (True, False, True, False, False, False),
+    "vscaled_kstma": (True, False, False, True, False, True),
+    "vscaled_kstma_pipe": (True, False, True, True, False, True),
+    "vscaled_kstma_pipe_biasptr": (True, False, True, True, False, False),  # pointer-loaded key scales with bias
+    "vscaled_noksc_diag": (True, False, False, False, True, False),  # wrong results on purpose: the key scales' cost
 }
 CFGS = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 2), (128, 64, 8, 2))
 
@@ -42,16 +48,22 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--sizes", default="4096,8192,16384")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--cfgs", default="", help="tile configs BM:BN:warps:stages,... (default: CFGS)")
     ap.add_argument("--asym", action="store_true", help="also the asymmetric cache (zero points)")
     args = ap.parse_args()
     env = env_info()
     dev = "cuda"
     torch.manual_seed(0)
     rows = []
+    import atexit
+
+    atexit.register(lambda: rows and write_json(args.json + ".partial", dict(env=env, rows=rows)))
     names = args.variants.split(",")
+    cfgs = tuple(tuple(int(x) for x in c.split(":")) for c in args.cfgs.split(",")) if args.cfgs else CFGS
 
     def set_variant(name):
-        A.STAGED_V_SCALED, A.STAGED_LAZY, A.STAGED_PIPE = VARIANTS[name]
+        (A.STAGED_V_SCALED, A.STAGED_LAZY, A.STAGED_PIPE, A.STAGED_KS_TMA, A.STAGED_NOKSC_DIAG,
+         A.STAGED_KS_TMA_BIAS) = VARIANTS[name]
 
     def make(S, spec):
         q = torch.randn(1, 32, S, 128, device=dev, dtype=torch.bfloat16)
@@ -88,7 +100,7 @@ def main():
             for name in names:
                 set_variant(name)
                 best = None
-                for bm, bn, w, st in CFGS:
+                for bm, bn, w, st in cfgs:
                     f = lambda bm=bm, bn=bn, w=w, st=st: A.kv4_attention_triton(  # noqa: E731
                         q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True, k_zero=qk.zeros,
                         v_zero=qv.zeros, splits=1, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
@@ -103,6 +115,8 @@ def main():
                     print(rows[-1], flush=True)
                     if best is None or t < best[0]:
                         best = (t, (bm, bn, w, st), f, e)
+                if best is None:
+                    continue
                 t = bench_graph([best[2]])
                 rows.append(dict(kind="prefill", sym=sym, variant=name, S=S, cfg=list(best[1]), ms=t, sdpa_ms=t_sdpa,
                                  vs_sdpa=t_sdpa / t, tflops=flops / t / 1e9, err=best[3]))
@@ -126,7 +140,7 @@ def main():
         res = {}
         for bias in (False, True):
             best = None
-            for bm, bn, w, st in CFGS:
+            for bm, bn, w, st in cfgs:
                 f = lambda bm=bm, bn=bn, w=w, st=st, bias=bias: A.kv4_attention_triton(  # noqa: E731
                     q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, scale, True, splits=1, block_m=bm,
                     block_n=bn, num_warps=w, num_stages=st, q_bias=qb if bias else None, k_bias=kb if bias else None)
@@ -137,7 +151,11 @@ def main():
                     continue
                 if best is None or t < best[0]:
                     best = (t, (bm, bn, w, st), f)
+            if best is None:
+                break
             res[bias] = (bench_graph([best[2]]), best[1], err(best[2](), want) if bias else None)
+        if len(res) < 2:
+            continue
         rows.append(dict(kind="alibi", sym=True, variant=name, S=S, ms=res[True][0], cfg=list(res[True][1]),
                          nobias_ms=res[False][0], nobias_cfg=list(res[False][1]), sdpa_dense_ms=t_dense,
                          vs_sdpa=t_dense / res[True][0], overhead=res[True][0] / res[False][0], err=res[True][2]))
