@@ -68,16 +68,11 @@ DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp 
 BIAS_MMA = True
 # staged prefill, fp16 P.V: V staged as codes times their scale (exact with FP8 scales), no V scale in the loop
 STAGED_V_SCALED = True
-# staged prefill with V scaled: the running max (and the accumulator's rescale) moves only when some row's
-# max grew by more than 2^LAZY_TH
-STAGED_LAZY = False
-# staged prefill, whole tiles without bias: Q.K^T of the next tile issued before this tile's softmax
-STAGED_PIPE = False
-STAGED_KS_TMA = False  # the key scales by a tensor-memory descriptor (sm_90+)
-STAGED_KS_TMA_BIAS = True  # ... also with bias factors
-STAGED_NOKSC_DIAG = False  # diagnostic only: drop the key scales (wrong results; the cost of applying them)
+# staged prefill on sm_90+ without bias factors: the key scales by a tensor-memory descriptor over an fp32
+# copy the staging pass writes (+1.2% on the H200; with the bias MMA 2-4% slower, and the bias operand by a
+# descriptor no faster: attn-kstma-diag-h200.json, attn-kbtma-diag-h200.json)
+STAGED_KS_TMA = True
 PV_RANGE = tl.constexpr(256.0)
-LAZY_TH = tl.constexpr(8.0)  # lazy rescale (staged prefill, fp16 P): P may reach 2^8 before the max moves
 STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 
 
@@ -502,40 +497,6 @@ def _split_bias_keys(kb_ptr, out_ptr, L, s_kbb, s_kbh, s_kbl, RT: tl.constexpr, 
 
 
 @triton.jit
-def _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i, acc, qk_scale,
-                      qmat, kb_base, s_kbl, BN: tl.constexpr, D: tl.constexpr, KS_TMA: tl.constexpr,
-                      BIAS: tl.constexpr, BIAS_BF16: tl.constexpr):
-    """The staged prefill's whole-tile key loop (no masks, V staged with its scales, TMA; BIAS: the R <= 2
-    bias as the chained bf16 MMA) with Q.K^T one tile ahead: the product for the next tile is issued
-    before this tile's softmax (the last iteration's look-ahead reads zeros or the next tile and is
-    dropped)."""
-    s_nxt = tl.dot(q, tl.trans(k8_ptr.load([bh, p_lo, 0]).reshape(BN, D)))
-    for start in range(p_lo, p_hi, BN):
-        if KS_TMA:
-            ksc = ks_ptr.load([bh, start]).reshape(BN).to(tl.float32)
-        else:
-            ksc = tl.load(ks_ptr + sbase + (start + tl.arange(0, BN)) * s_ksl).to(tl.float32)
-        if BIAS:
-            kmat = tl.load(kb_base + (start + tl.arange(0, BN))[:, None] * s_kbl + tl.arange(0, 16)[None, :])
-        s = s_nxt * ksc[None, :]
-        s_nxt = tl.dot(q, tl.trans(k8_ptr.load([bh, start + BN, 0]).reshape(BN, D)))
-        if BIAS:
-            if BIAS_BF16:
-                s = tl.dot(qmat, tl.trans(kmat), s)
-            else:
-                s = tl.dot(qmat, tl.trans(kmat), s, input_precision="ieee")
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale[:, None] - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-        vt = vo_ptr.load([bh, start, 0]).reshape(BN, D)
-        acc = tl.dot(p.to(tl.float16), vt, acc)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _attn_fwd_staged(
     q_ptr, qs_ptr, k8_ptr, ks_ptr, vo_ptr, vs_ptr, vmax_ptr, qb_ptr, kb_ptr, out_ptr, lq_ptr, lk_ptr,
     Lq, Lk, sm_scale, window,
@@ -546,8 +507,7 @@ def _attn_fwd_staged(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
     PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, BIAS_MMA: tl.constexpr,
-    BIAS_BF16: tl.constexpr, V_SCALED: tl.constexpr, LAZY: tl.constexpr = False, PIPE: tl.constexpr = False,
-    KS_TMA: tl.constexpr = False, NOKSC_DIAG: tl.constexpr = False,
+    BIAS_BF16: tl.constexpr, V_SCALED: tl.constexpr, KS_TMA: tl.constexpr,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
@@ -584,14 +544,6 @@ def _attn_fwd_staged(
     sbase = b * s_ksb + hk * s_ksh
     for phase in tl.static_range(2):
         p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
-        if PIPE and phase == 0:
-            if HAS_BIAS:
-                m_i, l_i, acc = _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i,
-                                                  acc, qk_scale, qmat, kb_base, s_kbl, BN, D, KS_TMA, True, BIAS_BF16)
-            else:
-                m_i, l_i, acc = _staged_pipe_loop(q, k8_ptr, vo_ptr, ks_ptr, sbase, s_ksl, bh, p_lo, p_hi, m_i, l_i,
-                                                  acc, qk_scale, q, ks_ptr, 0, BN, D, KS_TMA, False, False)
-            p_lo = p_hi
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
@@ -604,7 +556,9 @@ def _attn_fwd_staged(
             if not V_SCALED:
                 vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                if BIAS_MMA:
+                if BIAS_MMA and phase == 0:
+                    kmat = tl.load(kb_base + kpos[:, None] * s_kbl + offs_c[None, :])
+                elif BIAS_MMA:
                     kmat = tl.load(kb_base + kpos[:, None] * s_kbl + offs_c[None, :], mask=k_ok[:, None], other=0.0)
                 else:
                     kb0, kb1 = _bias_keys(kb_ptr, b, hk, kpos, k_ok, s_kbb, s_kbh, s_kbl, RT)
@@ -617,10 +571,7 @@ def _attn_fwd_staged(
                 k8 = tl.load(kp)
             else:
                 k8 = tl.load(kp, mask=k_ok[:, None], other=0.0)
-            if NOKSC_DIAG:  # diagnostic only (wrong scores): the cost of the key scales
-                s = tl.dot(q, tl.trans(k8))
-            else:
-                s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
+            s = tl.dot(q, tl.trans(k8)) * ksc[None, :]
             if HAS_BIAS:
                 if BIAS_MMA:
                     if BIAS_BF16:
@@ -631,22 +582,11 @@ def _attn_fwd_staged(
                     s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
                                   bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
             s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
-            if LAZY:  # rescale only when some row's max grew by more than 2^LAZY_TH (P stays <= 2^LAZY_TH)
-                grow = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), axis=0)
-                if grow > LAZY_TH:
-                    alpha = tl.exp2(m_i - m_safe)
-                    acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
-                    m_i = m_new
-                m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-                p = tl.exp2(s * qk_scale[:, None] - m_use[:, None])
-                l_i = l_i + tl.sum(p, axis=1)
-            else:
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None]
-                m_i = m_new
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
             if TMA:
                 if PV_FP8:
                     vt = tl.trans(vo_ptr.load([bh, 0, start]).reshape(D, BN))
@@ -852,7 +792,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     if staged:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
         tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
-        ks_tma = (STAGED_KS_TMA and tma and (STAGED_KS_TMA_BIAS or not has_bias) and lk % 4 == 0
+        ks_tma = (STAGED_KS_TMA and tma and not has_bias and lk % 4 == 0
                   and k_scale.stride() == v_scale.stride())
         staged_kv = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
                                     v_scaled=v_scaled, k_scale=k_scale if ks_tma else None)
@@ -893,9 +833,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
             PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, BIAS_MMA=bias_mma, BIAS_BF16=bias_mma and q8.is_cuda,
-            V_SCALED=v_scaled, LAZY=STAGED_LAZY and v_scaled,
-            PIPE=STAGED_PIPE and v_scaled and tma and (bias_mma or not has_bias) and not pv_fp8, KS_TMA=ks_tma,
-            NOKSC_DIAG=STAGED_NOKSC_DIAG, num_warps=num_warps,
+            V_SCALED=v_scaled, KS_TMA=ks_tma, num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
