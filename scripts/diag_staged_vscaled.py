@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import bench_graph, env_info, geomean, table, write_json  # noqa: E402
 
-# name: (STAGED_V_SCALED, STAGED_KS_TMA). Variants measured at a15ff4f and the commit after it, removed since
+# name: (STAGED_V_SCALED, STAGED_KS_TMA). Variants measured at a15ff4f (the bias-path TMA ones in an uncommitted
+# tree after it) and removed since
 # (attn-vscaled-diag-h200.json, attn-kstma-diag-h200.json, attn-pipe64-diag-h200.json, attn-kbtma-diag-h200.json):
 # the lazy rescale of the running max (slower), Q.K^T issued one tile ahead (no steady gain, bias path 1.3x
 # slower), no key scales at all (wrong results on purpose: +10%, the bound of what the key scales cost), the key
