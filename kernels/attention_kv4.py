@@ -21,9 +21,11 @@ Online softmax in fp32 (exp2), the query's scale folded into the exponent's FMA.
 each split writes a partial output and its log-sum-exp, combined by a second small kernel.
 
 Staged prefill (staged=, default on the GPU for long queries; one scale a token): _stage_kv first writes
-the cache once as MMA-ready codes (K: FP8 (Lk, D); V: fp16 (Lk, D), or with pv_fp8 FP8 along tokens
-(D, Lk)), then _attn_fwd_staged runs the key loop on TMA-loaded tiles with no conversion: one FP8 product
-over the head for Q.K^T, P.V in fp16 or FP8 (P times V's scales over the head's largest V scale, times
+the cache once as MMA-ready codes (K: FP8 (Lk, D); V: fp16 (Lk, D), with FP8 scales as codes times the
+token's scale (exact), or with pv_fp8 FP8 along tokens (D, Lk); on sm_90+ without bias factors also an
+fp32 copy of the key scales for TMA loads), then _attn_fwd_staged runs the key loop on TMA-loaded tiles
+with no conversion (and with V scaled, no V scale: H200 0.83x -> 0.96x SDPA,
+benchmarks/results/attn-vscaled-diag-h200.json): one FP8 product over the head for Q.K^T, P.V in fp16 or FP8 (P times V's scales over the head's largest V scale, times
 PV_RANGE, rounded to E4M3: the twin's rounding). H100: 0.79x SDPA (fp16 P.V) and 0.85x (FP8 P.V) against
 0.65x for the unstaged kernel (benchmarks/results/attn-staged-diag-h100.json). Bias factors with R <= 2
 (ALiBi) are one more MMA there (BIAS_MMA): _split_bias_keys writes the key factors once as a (Lk, 16) bf16
@@ -395,8 +397,8 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
               KS32: tl.constexpr):
     """The INT4 cache of one (batch, KV head) as MMA-ready codes, once per call (one scale a token):
     K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (V_SCALED) fp16 values codes
-    times the token's scale (exact: a 4-bit code times an FP8 scale has at most 7 significant bits and
-    stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk) with the largest V scale of
+    times the token's scale (exact: a code of at most 4 bits, less its zero point, times an FP8 scale has
+    at most 8 significant bits and stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk) with the largest V scale of
     the head's valid keys (atomic max) in vmax. KS32: the key scales also as a (B * Hkv, Lk) fp32 copy
     (for tensor-memory loads of any tile width)."""
     pid_t = tl.program_id(0)
