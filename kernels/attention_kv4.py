@@ -619,7 +619,7 @@ def _attn_fwd_staged(
 def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
                     v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
                     seqlens_k: torch.Tensor | None = None, block_t: int = 64, v_scaled: bool | None = None,
-                    k_scale: torch.Tensor | None = None):
+                    k_scale: torch.Tensor | None = None, num_warps: int = 4):
     """The INT4 cache (one scale a token) as MMA operands for the staged prefill: (k8 (B, Hkv, Lk, D)
     float8 codes, vo, vmax) with vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
     (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
@@ -656,7 +656,7 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
         ks32 if ks32 is not None else dummy, lk,
         k.stride(0), k.stride(1), k.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm(),
-        V_SCALED=v_scaled and not pv_fp8, KS32=ks32 is not None)
+        V_SCALED=v_scaled and not pv_fp8, KS32=ks32 is not None, num_warps=num_warps)
     if ks32 is not None:
         return k8, vo, vmax, ks32
     return k8, vo, vmax
