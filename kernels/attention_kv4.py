@@ -22,11 +22,12 @@ each split writes a partial output and its log-sum-exp, combined by a second sma
 
 Staged prefill (staged=, default on the GPU for long queries; one scale a token): _stage_kv first writes
 the cache once as MMA-ready codes (K: FP8 (Lk, D); V: fp16 (Lk, D), with FP8 scales as codes times the
-token's scale (exact), or with pv_fp8 FP8 along tokens (D, Lk); on sm_90+ without bias factors also an
-fp32 copy of the key scales for TMA loads), then _attn_fwd_staged runs the key loop on TMA-loaded tiles
-with no conversion (and with V scaled, no V scale: H200 0.83x -> 0.96x SDPA,
-benchmarks/results/attn-vscaled-diag-h200.json): one FP8 product over the head for Q.K^T, P.V in fp16 or FP8 (P times V's scales over the head's largest V scale, times
-PV_RANGE, rounded to E4M3: the twin's rounding). H100: 0.79x SDPA (fp16 P.V) and 0.85x (FP8 P.V) against
+token's scale (exact), or with pv_fp8 FP8 along tokens (D, Lk); on sm_90+ without bias factors also a
+copy of the key scales (fp16, exact) for TMA loads), then _attn_fwd_staged runs the key loop on
+TMA-loaded tiles with no conversion (and with V scaled, no V scale: H200 0.83x -> 0.96x SDPA,
+benchmarks/results/attn-vscaled-diag-h200.json): one FP8 product over the head for Q.K^T, P.V in fp16
+or FP8 (P times V's scales over the head's largest V scale, times PV_RANGE, rounded to E4M3: the twin's
+rounding). H100: 0.79x SDPA (fp16 P.V) and 0.85x (FP8 P.V) against
 0.65x for the unstaged kernel (benchmarks/results/attn-staged-diag-h100.json). Bias factors with R <= 2
 (ALiBi) are one more MMA there (BIAS_MMA): _split_bias_keys writes the key factors once as a (Lk, 16) bf16
 operand, each factor in three bf16 parts, the query side is built the same way per program, and the six
@@ -70,8 +71,8 @@ DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp 
 BIAS_MMA = True
 # staged prefill, fp16 P.V: V staged as codes times their scale (exact with FP8 scales), no V scale in the loop
 STAGED_V_SCALED = True
-# staged prefill on sm_90+ without bias factors: the key scales by a tensor-memory descriptor over an fp32
-# copy the staging pass writes (+1.2% on the H200; with the bias MMA 2-4% slower, and the bias operand by a
+# staged prefill on sm_90+ without bias factors: the key scales by a tensor-memory descriptor over a copy
+# the staging pass writes (fp16 for FP8 scales) (+1.2% on the H200; with the bias MMA 2-4% slower, and the bias operand by a
 # descriptor no faster: attn-kstma-diag-h200.json, attn-kbtma-diag-h200.json)
 STAGED_KS_TMA = True
 PV_RANGE = tl.constexpr(256.0)
@@ -390,17 +391,17 @@ def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_o
 
 
 @triton.jit
-def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk_ptr, ks_ptr, ks32_ptr, Lk,
+def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk_ptr, ks_ptr, ksc_ptr, Lk,
               s_kb, s_kh, s_kl, s_ksb, s_ksh, s_ksl, s_vob, s_voh, s_vol, s_vod,
               HKV: tl.constexpr, D: tl.constexpr, SYM: tl.constexpr, PV_FP8: tl.constexpr,
               HAS_LENS: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr, V_SCALED: tl.constexpr,
-              KS32: tl.constexpr):
+              KS_COPY: tl.constexpr):
     """The INT4 cache of one (batch, KV head) as MMA-ready codes, once per call (one scale a token):
     K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (V_SCALED) fp16 values codes
     times the token's scale (exact: a code of at most 4 bits, less its zero point, times an FP8 scale has
     at most 8 significant bits and stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk) with the largest V scale of
-    the head's valid keys (atomic max) in vmax. KS32: the key scales also as a (B * Hkv, Lk) fp32 copy
-    (for tensor-memory loads of any tile width)."""
+    the head's valid keys (atomic max) in vmax. KS_COPY: the key scales also as a (B * Hkv, Lk) copy in
+    ksc_ptr's dtype (fp16 for FP8 scales, exact; fp32 otherwise), for tensor-memory loads."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -426,8 +427,9 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
     dst = (bh * Lk + tok[:, None]) * D + offs[None, :]  # k8: (B, Hkv, Lk, D) contiguous
     tl.store(k8_ptr + dst, klo, mask=ok[:, None])
     tl.store(k8_ptr + dst + D // 2, khi, mask=ok[:, None])
-    if KS32:
-        tl.store(ks32_ptr + bh * Lk + tok, tl.load(ks_ptr + sbase, mask=ok, other=0.0).to(tl.float32), mask=ok)
+    if KS_COPY:
+        ks = tl.load(ks_ptr + sbase, mask=ok, other=0.0).to(ksc_ptr.dtype.element_ty)
+        tl.store(ksc_ptr + bh * Lk + tok, ks, mask=ok)
     if PV_FP8:
         vlo, vhi = nibbles_fp8(vc, vz, SYM, not SYM, ASM)
     else:
@@ -627,8 +629,9 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
     small integers. With seqlens_k only the first seqlens_k[b] keys rounded up to STAGE_ALIGN are written
     (the rest of a long static-cache buffer is never read). v_scaled (fp16 V only; None: when the scales
     are FP8, where it is exact): V as fp16 codes times their token's scale, so the attention loop needs no
-    V scale. k_scale (sharing v_scale's strides): also returns the key scales as a (B, Hkv, Lk) fp32 copy,
-    (k8, vo, vmax, ks32). Twin: reference.stage_kv_ref."""
+    V scale. k_scale (sharing v_scale's strides): also returns the key scales as a (B, Hkv, Lk) copy (fp16 for FP8
+    scales, exact; fp32 otherwise),
+    (k8, vo, vmax, ks_copy). Twin: reference.stage_kv_ref."""
     if v_scaled is None:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
     bsz, hkv, lk, dh = k.shape
@@ -645,20 +648,21 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
         vmax = None
     has_lens = seqlens_k is not None
     dummy = v_scale
-    ks32 = None
+    ks_copy = None
     if k_scale is not None:
         if k_scale.shape != v_scale.shape or k_scale.stride() != v_scale.stride():
             raise ValueError("stage_kv_triton: k_scale must match v_scale's shape and strides")
-        ks32 = torch.empty((bsz, hkv, lk), dtype=torch.float32, device=dev)
+        ks_copy = torch.empty((bsz, hkv, lk), device=dev,
+                              dtype=torch.float16 if k_scale.dtype == torch.float8_e4m3fn else torch.float32)
     _stage_kv[(triton.cdiv(lk, block_t), bsz * hkv)](
         k, k_zero if not sym else dummy, v, v_zero if not sym else dummy, v_scale, k8, vo,
-        vmax if pv_fp8 else dummy, seqlens_k if has_lens else dummy, k_scale if ks32 is not None else dummy,
-        ks32 if ks32 is not None else dummy, lk,
+        vmax if pv_fp8 else dummy, seqlens_k if has_lens else dummy, k_scale if ks_copy is not None else dummy,
+        ks_copy if ks_copy is not None else dummy, lk,
         k.stride(0), k.stride(1), k.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm(),
-        V_SCALED=v_scaled and not pv_fp8, KS32=ks32 is not None, num_warps=num_warps)
-    if ks32 is not None:
-        return k8, vo, vmax, ks32
+        V_SCALED=v_scaled and not pv_fp8, KS_COPY=ks_copy is not None, num_warps=num_warps)
+    if ks_copy is not None:
+        return k8, vo, vmax, ks_copy
     return k8, vo, vmax
 
 
@@ -794,7 +798,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     if staged:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
         tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
-        ks_tma = (STAGED_KS_TMA and tma and not has_bias and lk % 4 == 0
+        ks_tma = (STAGED_KS_TMA and tma and not has_bias and lk % 8 == 0
                   and k_scale.stride() == v_scale.stride())
         staged_kv = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
                                     v_scaled=v_scaled, k_scale=k_scale if ks_tma else None)
@@ -810,7 +814,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             else:
                 vo_arg = TensorDescriptor(vo, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
         ks_arg = k_scale
-        if ks_tma:  # the fp32 copy of the key scales the staging pass wrote, rows of lk * 4 bytes
+        if ks_tma:  # the copy of the key scales the staging pass wrote (rows of 16-byte multiples)
             ks_arg = TensorDescriptor(staged_kv[3], [bsz * hkv, lk], [lk, 1], [1, bn])
         bias_mma = BIAS_MMA and has_bias and rt <= 2
         if bias_mma:  # its (BN, 16) operand is one more tile a stage: with 3 stages (FP8 P.V's best) a program
