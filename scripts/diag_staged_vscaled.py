@@ -12,6 +12,7 @@ with the dense BF16 bias.
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import sys
@@ -54,8 +55,6 @@ def main():
     dev = "cuda"
     torch.manual_seed(0)
     rows = []
-    import atexit
-
     atexit.register(lambda: rows and write_json(args.json + ".partial", dict(env=env, rows=rows)))
     names = args.variants.split(",")
     cfgs = tuple(tuple(int(x) for x in c.split(":")) for c in args.cfgs.split(",")) if args.cfgs else CFGS
