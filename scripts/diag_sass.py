@@ -1,0 +1,197 @@
+"""Compile fireq's attention kernels for sm_90 on a machine without a GPU and report what the compiler made of
+them: registers a thread, spill stack, shared memory, and the SASS instruction mix (of the whole kernel and
+of its longest straight-line block, which is the key loop's body). For checking a kernel change (spills,
+layout conversions, byte loads) before spending GPU time on it.
+
+    python scripts/diag_sass.py staged --cfg 64,128,4,2
+    python scripts/diag_sass.py staged --cfg 64,128,4,2 --bias
+    python scripts/diag_sass.py decode --dump /tmp/decode      # also writes .ttgir, .ptx, .sass there
+
+Needs Triton's NVIDIA backend (its ptxas, cuobjdump and nvdisasm come with the wheel); nothing is launched.
+The triton version decides the code: the GPU machine runs 3.6 (pip install triton==3.6.0 into a venv to
+see exactly its code). The JIT is driven by a stand-in driver that reports an sm_90 target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_driver():
+    """Make Triton's JIT compile for sm_90 without a CUDA device."""
+    import triton.backends.nvidia.driver as nv
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class Sm90(nv.CudaDriver):
+        def __init__(self):  # no CUDA runtime calls
+            self.utils = None
+            self.launcher_cls = nv.CudaLauncher
+            self.get_current_device = lambda: 0
+            self.set_current_device = lambda i: None
+            self.get_current_stream = lambda i=None: 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        @staticmethod
+        def is_active():
+            return True
+
+    driver.set_active(Sm90())
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cubin_file(kernel) -> str:
+    f = tempfile.NamedTemporaryFile(suffix=".cubin", delete=False)
+    f.write(kernel.asm["cubin"])
+    f.close()
+    return f.name
+
+
+def usage(kernel) -> dict:
+    """Registers, spill stack and shared memory of a compiled kernel."""
+    out = subprocess.run([_tool("cuobjdump"), "-res-usage", _cubin_file(kernel)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=kernel.metadata.shared)
+
+
+def sass(kernel) -> str:
+    return subprocess.run([_tool("nvdisasm"), "-c", _cubin_file(kernel)], capture_output=True, text=True).stdout
+
+
+def opcode_mix(lines: list[str]) -> collections.Counter:
+    ops = collections.Counter()
+    for ln in lines:
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z0-9_.]+)", ln)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def longest_block(text: str) -> list[str]:
+    """The SASS lines of the longest stretch between two labels (the hot loop body, in these kernels)."""
+    blocks, cur = [], []
+    for ln in text.splitlines():
+        if re.match(r"\.L_x_\d+:", ln.strip()):
+            blocks.append(cur)
+            cur = []
+        else:
+            cur.append(ln)
+    blocks.append(cur)
+    return max(blocks, key=lambda b: sum(opcode_mix(b).values()))
+
+
+def staged(bm, bn, warps, stages, bias=False, ks_tma=True, S=8192):
+    """_attn_fwd_staged as kv4_attention_triton launches it for B = 1, 32 heads, d = 128, causal, FP8 scales."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from fireq_kernels import attention_kv4 as A
+
+    h, d = 32, 128
+    q8 = torch.empty(1, h, S, d, dtype=torch.float8_e4m3fn)
+    qs = torch.empty(1, h, S)
+    k8 = torch.empty(1, h, S, d, dtype=torch.float8_e4m3fn)
+    ks = torch.empty(1, h, S, 1, dtype=torch.float8_e4m3fn)
+    vo = torch.empty(1, h, S, d, dtype=torch.float16)
+    out = torch.empty(1, h, S, d, dtype=torch.bfloat16)
+    ks_tma = ks_tma and not bias
+    k8d = TensorDescriptor(k8, [h, S, d], [S * d, d, 1], [1, bn, d])
+    vod = TensorDescriptor(vo, [h, S, d], [S * d, d, 1], [1, bn, d])
+    ksa = TensorDescriptor(torch.empty(1, h, S, dtype=torch.float16), [h, S], [S, 1], [1, bn]) if ks_tma else ks
+    qb = torch.empty(1, h, S, 2)
+    kbm = torch.empty(1, 1, S, 16, dtype=torch.bfloat16)
+    args = (q8, qs, k8d, ksa, vod, ks, qs, qb, kbm, out, qs, qs, S, S, 0.1, 0,
+            *q8.stride()[:3], qs.stride(0), qs.stride(1), *ks.stride()[:3], *vo.stride(),
+            *qb.stride()[:3], kbm.stride(0), 0, kbm.stride(2), *out.stride()[:3])
+    kw = dict(HQ=h, HKV=h, D=d, R=16, HAS_BIAS=bias, CAUSAL=True, RT=2 if bias else 0, BM=bm, BN=bn,
+              HAS_LENS=False, PV_FP8=False, EXACT_ROUND=False, TMA=True, BIAS_MMA=bias, BIAS_BF16=bias,
+              V_SCALED=True, KS_TMA=ks_tma, num_warps=warps, num_stages=stages)
+    return A._attn_fwd_staged.warmup(*args, grid=(1,), **kw)
+
+
+def decode(bm, bn, warps, stages, splits=8, L=131072, B=8):
+    """_attn_fwd as kv4_attention_triton's decode default launches it: 32 query / 8 KV heads, d = 128, one
+    query, symmetric INT4 cache with FP8 scales, split along the keys."""
+    from fireq_kernels import attention_kv4 as A
+    from fireq_kernels.int4cvt import use_asm
+
+    hq, hkv, d = 32, 8, 128
+    q8 = torch.empty(B, hq, 1, d, dtype=torch.float8_e4m3fn)
+    qs = torch.empty(B, hq, 1)
+    k = torch.empty(B, hkv, L, d // 2, dtype=torch.uint8)
+    ks = torch.empty(B, hkv, L, 1, dtype=torch.float8_e4m3fn)
+    part = torch.empty(B, hq, 1, splits, d)
+    lse = torch.empty(B, hq, 1, splits)
+    args = (q8, qs, k, ks, ks, k, ks, ks, qs, qs, part, lse, qs, qs, 1, L, 0.1, 0,
+            *q8.stride()[:3], qs.stride(0), qs.stride(1), *k.stride()[:3], *ks.stride()[:3],
+            0, 0, 0, 0, 0, 0, *part.stride()[:4])
+    kw = dict(HQ=hq, HKV=hkv, D=d, G=d, R=16, SYM=True, HAS_BIAS=False, CAUSAL=True, SPLITS=splits, RT=0, BM=bm,
+              BN=bn, HAS_LENS=False, ASM=use_asm(), PV_FP8=False, EXACT_ROUND=False, TMA=False,
+              QK_F16=A.DECODE_QK_F16, num_warps=warps, num_stages=stages)
+    return A._attn_fwd.warmup(*args, grid=(1,), **kw)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=["staged", "decode"])
+    ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,128,2,3)")
+    ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
+    ap.add_argument("--no-ks-tma", action="store_true", help="staged: key scales by pointer loads")
+    ap.add_argument("--dump", default=None, help="a folder for the .ttgir, .ptx and .sass")
+    ap.add_argument("--top", type=int, default=16)
+    args = ap.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.makedirs("/tmp/fireq_sass_pkgs", exist_ok=True)
+    # import fireq's kernels as the installed package does (fireq_kernels), never as a top-level `kernels`
+    sys.path.insert(0, "/tmp/fireq_sass_pkgs")
+    for name, src in (("fireq", "fireq"), ("fireq_kernels", "kernels"), ("fireq_configs", "configs")):
+        link = os.path.join("/tmp/fireq_sass_pkgs", name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(ROOT, src), link)
+    _fake_driver()
+    cfg = tuple(int(x) for x in (args.cfg or ("64,128,4,2" if args.kernel == "staged" else "16,128,2,3")).split(","))
+    if args.kernel == "staged":
+        k = staged(*cfg, bias=args.bias, ks_tma=not args.no_ks_tma)
+    else:
+        k = decode(*cfg)
+    import triton
+
+    text = sass(k)
+    print(f"{args.kernel} cfg={cfg} triton {triton.__version__} sm_90: {usage(k)}")
+    body = longest_block(text)
+    for title, ops in (("whole kernel", opcode_mix(text.splitlines())), ("longest block", opcode_mix(body))):
+        print(f"{title}: {sum(ops.values())} instructions;",
+              ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(args.dump, f"{args.kernel}.{ext}"), "w") as f:
+                f.write(k.asm[ext])
+        with open(os.path.join(args.dump, f"{args.kernel}.sass"), "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
