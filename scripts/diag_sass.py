@@ -163,13 +163,12 @@ def main():
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    os.makedirs("/tmp/fireq_sass_pkgs", exist_ok=True)
-    # import fireq's kernels as the installed package does (fireq_kernels), never as a top-level `kernels`
-    sys.path.insert(0, "/tmp/fireq_sass_pkgs")
+    # import this checkout's kernels as the installed package names them (fireq_kernels), never as a
+    # top-level `kernels` (Hugging Face's package of that name): links in a fresh folder, first on the path
+    pkgs = tempfile.mkdtemp(prefix="fireq_sass_")
     for name, src in (("fireq", "fireq"), ("fireq_kernels", "kernels"), ("fireq_configs", "configs")):
-        link = os.path.join("/tmp/fireq_sass_pkgs", name)
-        if not os.path.lexists(link):
-            os.symlink(os.path.join(ROOT, src), link)
+        os.symlink(os.path.join(ROOT, src), os.path.join(pkgs, name))
+    sys.path.insert(0, pkgs)
     _fake_driver()
     cfg = tuple(int(x) for x in (args.cfg or ("64,128,4,2" if args.kernel == "staged" else "16,128,2,3")).split(","))
     if args.kernel == "staged":
