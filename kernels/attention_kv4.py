@@ -622,16 +622,16 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
                     v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
                     seqlens_k: torch.Tensor | None = None, block_t: int = 64, v_scaled: bool | None = None,
                     k_scale: torch.Tensor | None = None, num_warps: int = 4):
-    """The INT4 cache (one scale a token) as MMA operands for the staged prefill: (k8 (B, Hkv, Lk, D)
-    float8 codes, vo, vmax) with vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
+    """The INT4 cache (one scale a token) as MMA operands for the staged prefill: k8 (B, Hkv, Lk, D)
+    float8 codes, vo (B, Hkv, Lk, D) fp16 codes, or with pv_fp8 FP8 codes along tokens (a
     (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
     the largest V scale of each head's valid keys (None without pv_fp8). Codes minus zero points: exact
     small integers. With seqlens_k only the first seqlens_k[b] keys rounded up to STAGE_ALIGN are written
     (the rest of a long static-cache buffer is never read). v_scaled (fp16 V only; None: when the scales
     are FP8, where it is exact): V as fp16 codes times their token's scale, so the attention loop needs no
-    V scale. k_scale (sharing v_scale's strides): also returns the key scales as a (B, Hkv, Lk) copy (fp16 for FP8
-    scales, exact; fp32 otherwise),
-    (k8, vo, vmax, ks_copy). Twin: reference.stage_kv_ref."""
+    V scale. Returns (k8, vo, vmax, ks_copy): ks_copy, with k_scale given (sharing v_scale's strides), the key
+    scales as a (B, Hkv, Lk) copy (fp16 for FP8 scales, exact; fp32 otherwise), else None. Twin:
+    reference.stage_kv_ref (the first three)."""
     if v_scaled is None:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
     bsz, hkv, lk, dh = k.shape
@@ -661,9 +661,7 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
         k.stride(0), k.stride(1), k.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         *vo.stride(), HKV=hkv, D=d, SYM=sym, PV_FP8=pv_fp8, HAS_LENS=has_lens, BT=block_t, ASM=use_asm(),
         V_SCALED=v_scaled and not pv_fp8, KS_COPY=ks_copy is not None, num_warps=num_warps)
-    if ks_copy is not None:
-        return k8, vo, vmax, ks_copy
-    return k8, vo, vmax
+    return k8, vo, vmax, ks_copy
 
 
 def staged_v_scaled(v_scale: torch.Tensor, pv_fp8: bool) -> bool:
@@ -802,7 +800,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                   and k_scale.stride() == v_scale.stride())
         staged_kv = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
                                     v_scaled=v_scaled, k_scale=k_scale if ks_tma else None)
-        k8, vo, vmax = staged_kv[:3]
+        k8, vo, vmax, ks_copy = staged_kv
         k8_arg, vo_arg = k8, vo
         if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -815,7 +813,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                 vo_arg = TensorDescriptor(vo, [bsz * hkv, lk, d], [lk * d, d, 1], [1, bn, d])
         ks_arg = k_scale
         if ks_tma:  # the copy of the key scales the staging pass wrote (rows of 16-byte multiples)
-            ks_arg = TensorDescriptor(staged_kv[3], [bsz * hkv, lk], [lk, 1], [1, bn])
+            ks_arg = TensorDescriptor(ks_copy, [bsz * hkv, lk], [lk, 1], [1, bn])
         bias_mma = BIAS_MMA and has_bias and rt <= 2
         if bias_mma:  # its (BN, 16) operand is one more tile a stage: with 3 stages (FP8 P.V's best) a program
             num_stages = min(num_stages, 2)  # no longer leaves room for a second one an SM (1.8x slower, H100)

@@ -399,7 +399,9 @@ def test_staged_long_buffer_stages_only_the_used_keys():
     q8, qs, qk, qv, _, _ = _case(b, hq, hkv, lq, lk, d, spec, seed=5)
     lens_q = torch.tensor([20, 9, 3], dtype=torch.int32)
     lens_k = torch.tensor([560, 100, 3], dtype=torch.int32)
-    k8, vo, _ = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), seqlens_k=lens_k.to(DEV))
+    k8, vo, _, ks_copy = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV),
+                                         seqlens_k=lens_k.to(DEV))
+    assert ks_copy is None  # no key scales given, no copy
     want = stage_kv_ref(qk.packed, qv.packed, qv.scales, v_scaled=True)  # FP8 scales: V staged times scales
     for i in range(b):
         n = min(lk, -(-int(lens_k[i]) // STAGE_ALIGN.value) * STAGE_ALIGN.value)
