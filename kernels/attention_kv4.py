@@ -69,14 +69,16 @@ DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp 
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
 BIAS_MMA = True
-# staged prefill, fp16 P.V: V staged as codes times their scale (exact with FP8 scales), no V scale in the loop
+# staged prefill, fp16 P.V: V staged as codes times their scale (exact with FP8 scales), no V scale in the
+# loop (H200: 0.83x -> 0.96x SDPA, attn-vscaled-diag-h200.json)
 STAGED_V_SCALED = True
-# staged prefill on sm_90+ without bias factors: the key scales by a tensor-memory descriptor over a copy
-# the staging pass writes (fp16 for FP8 scales) (+1.2% on the H200; with the bias MMA 2-4% slower, and the bias operand by a
-# descriptor no faster: attn-kstma-diag-h200.json, attn-kbtma-diag-h200.json)
+# staged prefill on sm_90+ without bias factors: the key scales by a tensor-memory descriptor over a copy the
+# staging pass writes (fp16 for FP8 scales): +3% on the H200 (attn-ks16-diag-h200.json); with the bias MMA
+# 2-4% slower, and the bias operand by a descriptor no faster (attn-kbtma-diag-h200.json,
+# attn-ks16-bias-diag-h200.json)
 STAGED_KS_TMA = True
-PV_RANGE = tl.constexpr(256.0)
-STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
+PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
+STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)
 
 
 @triton.jit
@@ -516,7 +518,9 @@ def _attn_fwd_staged(
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
     with V along tokens. Same masks, bias and softmax as _attn_fwd; one split. BIAS_MMA (R <= 2): kb_ptr
-    is _split_bias_keys's (Bk, Hk, Lk, 16) operand and the bias is a bf16 MMA chained onto the scores."""
+    is _split_bias_keys's (Bk, Hk, Lk, 16) operand and the bias is a bf16 MMA chained onto the scores.
+    V_SCALED: the staged V already carries its scales (vs_ptr unused). KS_TMA: ks_ptr is a descriptor over
+    the staging pass's (B * Hkv, Lk) copy of the key scales."""
     REP: tl.constexpr = HQ // HKV
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first (shorter tail)
     bh = tl.program_id(1)
