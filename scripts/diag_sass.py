@@ -1,4 +1,4 @@
-"""Compile fireq's attention kernels for sm_90 on a machine without a GPU and report what the compiler made of
+"""Compile fireq's attention kernels and the one-token GEMV for sm_90 on a machine without a GPU and report what the compiler made of
 them: registers a thread, spill stack, shared memory, and the SASS instruction mix (of the whole kernel and
 of its longest straight-line block, which is the key loop's body). For checking a kernel change (spills,
 layout conversions, byte loads) before spending GPU time on it.
@@ -6,6 +6,7 @@ layout conversions, byte loads) before spending GPU time on it.
     python scripts/diag_sass.py staged --cfg 64,128,4,2
     python scripts/diag_sass.py staged --cfg 64,128,4,2 --bias
     python scripts/diag_sass.py decode --dump /tmp/decode      # also writes .ttgir, .ptx, .sass there
+    python scripts/diag_sass.py gemv --cfg 8,2048,4,1
 
 Needs Triton's NVIDIA backend (its ptxas, cuobjdump and nvdisasm come with the wheel); nothing is launched.
 The triton version decides the code: the GPU machine runs 3.6 (pip install triton==3.6.0 into a venv to
@@ -153,10 +154,29 @@ def decode(bm, bn, warps, stages, splits=8, L=131072, B=8):
     return A._attn_fwd.warmup(*args, grid=(1,), **kw)
 
 
+def gemv(bn, bk, warps, stages, n=4096, k=4096, group=128, layout_block=128):
+    """_w4a8_gemv_kernel (the decode GEMM for one token) as _launch_gemv launches it: INT4 (N, K) weights in
+    the kernel layout of layout_block-channel blocks, g128 FP8 scales, one split."""
+    from fireq_kernels import gemm_w4a8 as G
+    from fireq_kernels.int4cvt import use_asm
+
+    xq = torch.empty(1, k, dtype=torch.float8_e4m3fn)
+    xs = torch.empty(1)
+    w = torch.empty(n, k // 2, dtype=torch.uint8)
+    ws = torch.empty(n, k // group, dtype=torch.float8_e4m3fn)
+    out = torch.empty(1, n, dtype=torch.bfloat16)
+    cnt = torch.empty(n // bn, dtype=torch.int32)
+    args = (xq, xs, w, ws, xs, out, out, cnt, xs, n, k, 1.0, 1.0, w.stride(0), ws.stride(0))
+    kw = dict(GROUP=group, PER_CHANNEL=False, HAS_BIAS=False, BN=bn, BK=bk, SPLIT_K=1, HALF_LB=layout_block,
+              ASM=use_asm(), EPI=0, HAS_RES=False, num_warps=warps, num_stages=stages)
+    return G._w4a8_gemv_kernel.warmup(*args, grid=(1,), **kw)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["staged", "decode"])
-    ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,128,2,3)")
+    ap.add_argument("kernel", choices=["staged", "decode", "gemv"])
+    ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,128,2,3); "
+                                                  "gemv: BN,BK,warps,stages (default 8,2048,4,1)")
     ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
     ap.add_argument("--no-ks-tma", action="store_true", help="staged: key scales by pointer loads")
     ap.add_argument("--dump", default=None, help="a folder for the .ttgir, .ptx and .sass")
@@ -170,11 +190,14 @@ def main():
         os.symlink(os.path.join(ROOT, src), os.path.join(pkgs, name))
     sys.path.insert(0, pkgs)
     _fake_driver()
-    cfg = tuple(int(x) for x in (args.cfg or ("64,128,4,2" if args.kernel == "staged" else "16,128,2,3")).split(","))
+    default = {"staged": "64,128,4,2", "decode": "16,128,2,3", "gemv": "8,2048,4,1"}[args.kernel]
+    cfg = tuple(int(x) for x in (args.cfg or default).split(","))
     if args.kernel == "staged":
         k = staged(*cfg, bias=args.bias, ks_tma=not args.no_ks_tma)
-    else:
+    elif args.kernel == "decode":
         k = decode(*cfg)
+    else:
+        k = gemv(*cfg)
     import triton
 
     text = sass(k)
