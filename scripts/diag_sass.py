@@ -172,6 +172,19 @@ def gemv(bn, bk, warps, stages, n=4096, k=4096, group=128, layout_block=128):
     return G._w4a8_gemv_kernel.warmup(*args, grid=(1,), **kw)
 
 
+def setup():
+    """Compile for sm_90 from here on, with this checkout's packages first on the path. Call before fireq's
+    kernels are imported: Triton reads TRITON_INTERPRET when a kernel is defined."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    # this checkout's kernels as the installed package names them (fireq_kernels), never as a top-level
+    # `kernels` (Hugging Face's package of that name): links in a fresh folder, first on the path
+    pkgs = tempfile.mkdtemp(prefix="fireq_sass_")
+    for name, src in (("fireq", "fireq"), ("fireq_kernels", "kernels"), ("fireq_configs", "configs")):
+        os.symlink(os.path.join(ROOT, src), os.path.join(pkgs, name))
+    sys.path.insert(0, pkgs)
+    _fake_driver()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("kernel", choices=["staged", "decode", "gemv"])
@@ -182,14 +195,7 @@ def main():
     ap.add_argument("--dump", default=None, help="a folder for the .ttgir, .ptx and .sass")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args()
-    os.environ.pop("TRITON_INTERPRET", None)
-    # import this checkout's kernels as the installed package names them (fireq_kernels), never as a
-    # top-level `kernels` (Hugging Face's package of that name): links in a fresh folder, first on the path
-    pkgs = tempfile.mkdtemp(prefix="fireq_sass_")
-    for name, src in (("fireq", "fireq"), ("fireq_kernels", "kernels"), ("fireq_configs", "configs")):
-        os.symlink(os.path.join(ROOT, src), os.path.join(pkgs, name))
-    sys.path.insert(0, pkgs)
-    _fake_driver()
+    setup()
     default = {"staged": "64,128,4,2", "decode": "16,128,2,3", "gemv": "8,2048,4,1"}[args.kernel]
     cfg = tuple(int(x) for x in (args.cfg or default).split(","))
     if args.kernel == "staged":
