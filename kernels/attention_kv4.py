@@ -401,8 +401,8 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
     """The INT4 cache of one (batch, KV head) as MMA-ready codes, once per call (one scale a token):
     K as FP8 codes (Lk, D) in channel order; V as fp16 codes (Lk, D), or (V_SCALED) fp16 values codes
     times the token's scale (exact: a code of at most 4 bits, less its zero point, times an FP8 scale has
-    at most 8 significant bits and stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk) with the largest V scale of
-    the head's valid keys (atomic max) in vmax. KS_COPY: the key scales also as a (B * Hkv, Lk) copy in
+    at most 8 significant bits and stays inside fp16's range), or (PV_FP8) FP8 codes along tokens (D, Lk)
+    with the largest V scale of the head's valid keys (atomic max) in vmax. KS_COPY: the key scales also as a (B * Hkv, Lk) copy in
     ksc_ptr's dtype (fp16 for FP8 scales, exact; fp32 otherwise), for tensor-memory loads."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -635,7 +635,7 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
     are FP8, where it is exact): V as fp16 codes times their token's scale, so the attention loop needs no
     V scale. Returns (k8, vo, vmax, ks_copy): ks_copy, with k_scale given (sharing v_scale's strides), the key
     scales as a (B, Hkv, Lk) copy (fp16 for FP8 scales, exact; fp32 otherwise), else None. Twin:
-    reference.stage_kv_ref (the first three)."""
+    reference.stage_kv_ref."""
     if v_scaled is None:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
     bsz, hkv, lk, dh = k.shape
@@ -800,8 +800,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     if staged:
         v_scaled = staged_v_scaled(v_scale, pv_fp8)
         tma = STAGED_TMA and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
-        ks_tma = (STAGED_KS_TMA and tma and not has_bias and lk % 8 == 0
-                  and k_scale.stride() == v_scale.stride())
+        ks_tma = STAGED_KS_TMA and tma and not has_bias and lk % 8 == 0  # (strides shared: checked above)
         staged_kv = stage_kv_triton(k, v, v_scale, k_zero, v_zero, pv_fp8, seqlens_k if has_lens else None,
                                     v_scaled=v_scaled, k_scale=k_scale if ks_tma else None)
         k8, vo, vmax, ks_copy = staged_kv

@@ -254,11 +254,13 @@ def _pv_fp8(s: torch.Tensor, vv: torch.Tensor, vs: torch.Tensor) -> torch.Tensor
 
 def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
                  v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
-                 seqlens_k: torch.Tensor | None = None, v_scaled: bool = False):
+                 seqlens_k: torch.Tensor | None = None, v_scaled: bool = False,
+                 k_scale: torch.Tensor | None = None):
     """Twin of attention_kv4.stage_kv_triton. k, v: (B, Hkv, Lk, D/2) uint8 codes of one group a token;
-    v_scale: (B, Hkv, Lk, 1); k_zero, v_zero: (B, Hkv, Lk, 1) uint8 or None. Returns (k8 (B, Hkv, Lk, D)
-    float8 codes, vo (B, Hkv, Lk, D) fp16 or (pv_fp8) float8 codes, vmax (B * Hkv,) fp32 the largest
-    V scale of each head's first seqlens_k[b] keys, or None). v_scaled (fp16 V): codes times the token's
+    v_scale, k_scale: (B, Hkv, Lk, 1); k_zero, v_zero: (B, Hkv, Lk, 1) uint8 or None. Returns (k8 (B, Hkv,
+    Lk, D) float8 codes, vo (B, Hkv, Lk, D) fp16 or (pv_fp8) float8 codes, vmax (B * Hkv,) fp32 the largest
+    V scale of each head's first seqlens_k[b] keys, or None, ks_copy (B, Hkv, Lk) the key scales in fp16
+    for FP8 scales (exact) or fp32, or None without k_scale). v_scaled (fp16 V): codes times the token's
     V scale, rounded to fp16 (exact for FP8 scales)."""
     from fireq.formats.kv import unpack_kv_codes
 
@@ -270,15 +272,18 @@ def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero
         kc = kc - k_zero.float()
         vc = vc - v_zero.float()
     k8 = kc.to(torch.float8_e4m3fn)
+    ks_copy = None
+    if k_scale is not None:
+        ks_copy = k_scale[..., 0].to(torch.float16 if k_scale.dtype == torch.float8_e4m3fn else torch.float32)
     if not pv_fp8:
         if v_scaled:
             vc = vc * v_scale.float()
-        return k8, vc.to(torch.float16), None
+        return k8, vc.to(torch.float16), None, ks_copy
     vs = v_scale[..., 0].float()
     if seqlens_k is not None:
         keep = torch.arange(vs.shape[-1], device=vs.device)[None, :] < seqlens_k.to(vs.device)[:, None]
         vs = vs * keep[:, None, :]
-    return k8, vc.to(torch.float8_e4m3fn), vs.amax(dim=-1).clamp_min(0).reshape(-1)
+    return k8, vc.to(torch.float8_e4m3fn), vs.amax(dim=-1).clamp_min(0).reshape(-1), ks_copy
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Compile fireq's attention kernels and the one-token GEMV for sm_90 on a machine without a GPU and report what the compiler made of
-them: registers a thread, spill stack, shared memory, and the SASS instruction mix (of the whole kernel and
-of its longest straight-line block, which is the key loop's body). For checking a kernel change (spills,
-layout conversions, byte loads) before spending GPU time on it.
+"""Compile fireq's attention kernels and the one-token GEMV for sm_90 on a machine without a GPU and
+report what the compiler made of them: registers a thread, spill stack, shared memory, and the SASS
+instruction mix (of the whole kernel and of its longest straight-line block, which is the key loop's body).
+For checking a kernel change (spills, layout conversions, byte loads) before spending GPU time on it.
 
     python scripts/diag_sass.py staged --cfg 64,128,4,2
     python scripts/diag_sass.py staged --cfg 64,128,4,2 --bias

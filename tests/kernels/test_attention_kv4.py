@@ -252,11 +252,13 @@ def test_stage_kv_matches_twin(sym, pv_fp8, v_scaled):
     dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), dv(qk.zeros), dv(qv.zeros),
                           pv_fp8, lens.to(DEV, torch.int32), block_t=16, v_scaled=v_scaled, k_scale=qk.scales.to(DEV))
-    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, qk.zeros, qv.zeros, pv_fp8, lens, v_scaled=v_scaled)
+    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, qk.zeros, qv.zeros, pv_fp8, lens, v_scaled=v_scaled,
+                        k_scale=qk.scales)
     assert torch.equal(got[0].cpu().float(), want[0].float())
     assert torch.equal(got[1].cpu().float(), want[1].float())
-    assert got[3].dtype == torch.float16  # the key scales' copy (FP8 scales: fp16, exact)
+    assert got[3].dtype == want[3].dtype == torch.float16  # the key scales' copy (FP8 scales: fp16, exact)
     assert torch.equal(got[3].cpu().float(), qk.scales[..., 0].float())
+    assert torch.equal(got[3].cpu(), want[3])
     if pv_fp8:
         assert got[1].stride(2) == 1  # tokens contiguous
         assert torch.equal(got[2].cpu(), want[2])
