@@ -132,13 +132,9 @@ def sass_report():
                              HQ=32, HKV=8, D=128, SYM=True, SPLITS=splits, BM=16, BN=bn, ASM=use_asm(),
                              num_warps=2, num_stages=3, grid=(1,))
     for name, kk in (("key-blocked V", kern), ("shipped", diag_sass.decode(16, bn, 2, 3, splits=splits, L=L, B=B))):
-        text = diag_sass.sass(kk)
-        body = diag_sass.longest_block(text)
-        mix = diag_sass.opcode_mix(body)
-        print(f"{name}: {diag_sass.usage(kk)}; longest block {sum(mix.values())} instructions:",
-              ", ".join(f"{op} {n}" for op, n in mix.most_common(14)))
+        text = diag_sass.report(name, kk, top=14)
         whole = diag_sass.opcode_mix(text.splitlines())
-        print(f"  whole kernel: {sum(whole.values())} instructions; LDS.U8 {whole.get('LDS.U8', 0)}, "
+        print(f"  shared loads: LDS.U8 {whole.get('LDS.U8', 0)}, "
               f"LDS {sum(n for op, n in whole.items() if op.startswith('LDS'))}, PRMT {whole.get('PRMT', 0)}, "
               f"IMAD.MOV.U32 {whole.get('IMAD.MOV.U32', 0)}")
 

@@ -172,6 +172,19 @@ def gemv(bn, bk, warps, stages, n=4096, k=4096, group=128, layout_block=128):
     return G._w4a8_gemv_kernel.warmup(*args, grid=(1,), **kw)
 
 
+def report(name: str, kernel, top: int = 16) -> str:
+    """Print a compiled kernel's resources and the instruction mix of the whole kernel and of its longest
+    block; returns its SASS."""
+    import triton
+
+    text = sass(kernel)
+    print(f"{name} triton {triton.__version__} sm_90: {usage(kernel)}")
+    whole, body = opcode_mix(text.splitlines()), opcode_mix(longest_block(text))
+    for title, ops in (("whole kernel", whole), ("longest block", body)):
+        print(f"  {title}: {sum(ops.values())} instructions;", ", ".join(f"{op} {n}" for op, n in ops.most_common(top)))
+    return text
+
+
 def setup():
     """Compile for sm_90 from here on, with this checkout's packages first on the path. Call before fireq's
     kernels are imported: Triton reads TRITON_INTERPRET when a kernel is defined."""
@@ -204,14 +217,7 @@ def main():
         k = decode(*cfg)
     else:
         k = gemv(*cfg)
-    import triton
-
-    text = sass(k)
-    print(f"{args.kernel} cfg={cfg} triton {triton.__version__} sm_90: {usage(k)}")
-    body = longest_block(text)
-    for title, ops in (("whole kernel", opcode_mix(text.splitlines())), ("longest block", opcode_mix(body))):
-        print(f"{title}: {sum(ops.values())} instructions;",
-              ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    text = report(f"{args.kernel} cfg={cfg}", k, args.top)
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         for ext in ("ttgir", "ptx"):
