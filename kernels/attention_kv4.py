@@ -58,13 +58,18 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 # staged prefill defaults (H100: benchmarks/results/attn-staged-diag-h100.json)
 STAGED_BM, STAGED_BN, STAGED_WARPS, STAGED_STAGES = 64, 128, 4, 2
 STAGED_TMA = True  # K and V tiles by tensor-memory descriptors on sm_90+ (pointer loads otherwise)
-# the decode kernel's code tiles by descriptors (one group a token, sm_90+): asymmetric caches only, where
-# they measured 1.76 -> 1.87x SDPA (symmetric: 2.07 -> 2.03), attn-decode-tma-diag-h100.json
+# the decode kernel's code tiles by descriptors (one group a token, sm_90+): asymmetric caches 1.76 -> 1.87x
+# SDPA on the H100 (attn-decode-tma-diag-h100.json). Symmetric caches lost there (2.07 -> 2.03) and gain on
+# the H200 once the scales are prefetched (UNSTAGED_PREFETCH): 1.76 -> 1.90x (attn-decode-symtma-diag-h200.json)
 UNSTAGED_TMA = True
+UNSTAGED_TMA_SYM = True
 # decode-sized row blocks (<= 16): Q.K^T as an fp16 MMA on fp16-converted key codes instead of FP8 (no cvt
 # to FP8; the same products, exact either way): +1-9% at decode in an H100 sweep (scripts/diag_decode_attn.py)
 # whose JSON was lost with its session; on by default in the H200 run of attention-h200.json
 DECODE_QK_F16 = True
+# the unstaged kernel (decode) loads each tile's per-token scales and zero points one iteration early:
+# asymmetric caches 1.61 -> 1.78x SDPA, symmetric 1.74 -> 1.76x on the H200 (attn-decode-prefetch-diag-h200.json)
+UNSTAGED_PREFETCH = True
 DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp programs an SM on an H100)
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
@@ -218,7 +223,7 @@ def _attn_fwd(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, QK_F16: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, QK_F16: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -259,12 +264,35 @@ def _attn_fwd(
     # (the causal diagonal, the window, the ragged ends) with masks
     for phase in tl.static_range(2):
         p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
+        if NG == 1 and PREFETCH:  # the phase's first tile of per-token scales (and zero points)
+            kpos = p_lo + tl.arange(0, BN)
+            k_ok = (kpos < k_hi) & (kpos < p_hi)
+            ksc_n = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
+            vsc_n = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
+            if not SYM:
+                kz_n = tl.load(kz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
+                vz_n = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
             # the tile's small loads first (per-token scales, bias factors), so their latency
-            # hides behind the code loads, conversions and MMAs that come before their use
-            if NG == 1:
+            # hides behind the code loads, conversions and MMAs that come before their use; PREFETCH:
+            # those of the next tile, one iteration early (a byte a key is too narrow for the pipeliner's
+            # asynchronous copies, so these loads would otherwise wait on memory inside each iteration)
+            if NG == 1 and PREFETCH:
+                ksc1 = ksc_n
+                vsc1 = vsc_n
+                if not SYM:
+                    kz1 = kz_n
+                    vz1 = vz_n
+                npos = kpos + BN
+                n_ok = (npos < k_hi) & (npos < p_hi)
+                ksc_n = tl.load(ks_ptr + sbase + npos * s_ksl, mask=n_ok, other=0.0)
+                vsc_n = tl.load(vs_ptr + sbase + npos * s_ksl, mask=n_ok, other=0.0)
+                if not SYM:
+                    kz_n = tl.load(kz_ptr + sbase + npos * s_ksl, mask=n_ok, other=0)
+                    vz_n = tl.load(vz_ptr + sbase + npos * s_ksl, mask=n_ok, other=0)
+            elif NG == 1:
                 ksc1 = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
                 vsc1 = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
             if HAS_BIAS:
@@ -287,6 +315,8 @@ def _attn_fwd(
                                  mask=k_ok[:, None], other=0)
                 if SYM:
                     kz = kc
+                elif NG == 1 and PREFETCH:
+                    kz = kz1[:, None]
                 else:
                     kz = tl.load(kz_ptr + sbase + kpos * s_ksl + gi, mask=k_ok, other=0)[:, None]
                 if G // 2 >= 32 and not QK_F16:  # FP8 tensor cores (K >= 32 a product)
@@ -326,6 +356,8 @@ def _attn_fwd(
             if NG == 1:
                 if SYM:
                     vz = vc
+                elif PREFETCH:
+                    vz = vz1[:, None]
                 else:
                     vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)[:, None]
                 if PV_FP8:
@@ -682,7 +714,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                          num_stages: int | None = None, seqlens_q: torch.Tensor | None = None,
                          seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False,
-                         out: torch.Tensor | None = None, staged: bool | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, staged: bool | None = None,
+                         max_regs: int | None = None) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -697,6 +730,9 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     pv_fp8: P.V as an FP8 MMA (needs one scale a token; slower on the H100 with this cache layout, see
     the module docstring). out: where to write (B, Hq, Lq, D) in out_dtype, any strides with the last dim
     contiguous (e.g. a transposed view of a (B, Lq, Hq, D) buffer); returned.
+
+    max_regs (unstaged kernel, GPU): a cap on registers a thread (Triton's maxnreg), for more programs an SM
+    at the cost of spills; None: the compiler's choice.
 
     staged (prefill, one scale a token, one split): the cache is first turned into MMA-ready codes
     (stage_kv_triton: K as FP8 codes, V as fp16 codes or, with pv_fp8, FP8 codes along tokens), once,
@@ -845,7 +881,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
     # TMA for the code tiles: one group a token, heads laid out evenly (a 3-d view over batch and heads)
-    tma = (UNSTAGED_TMA and not sym and g == d and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
+    tma = (UNSTAGED_TMA and (UNSTAGED_TMA_SYM or not sym) and g == d and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
            and k.stride(0) == hkv * k.stride(1) and (k.stride(1) % 16 == 0) and k.stride(2) % 16 == 0
            and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
     k_arg, v_arg = k, v
@@ -866,7 +902,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
         HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma,
-        QK_F16=DECODE_QK_F16 and bm <= 16, num_warps=num_warps, num_stages=num_stages,
+        QK_F16=DECODE_QK_F16 and bm <= 16, PREFETCH=UNSTAGED_PREFETCH, num_warps=num_warps, num_stages=num_stages,
+        **({} if max_regs is None else dict(maxnreg=max_regs)),
     )
     if splits == 1:
         return out
