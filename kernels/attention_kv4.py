@@ -82,6 +82,8 @@ STAGED_V_SCALED = True
 # 2-4% slower, and the bias operand by a descriptor no faster (attn-kbtma-diag-h200.json,
 # attn-ks16-bias-diag-h200.json)
 STAGED_KS_TMA = True
+# where the key scales are pointer loads (bias factors, or no TMA): loaded one tile ahead
+STAGED_KS_PREFETCH = True
 PV_RANGE = tl.constexpr(256.0)  # FP8 P.V: P * v_scale / max(v_scale) is scaled into [0, PV_RANGE]
 STAGE_ALIGN = tl.constexpr(256)  # ragged staging covers each sequence's keys rounded up to this (>= BN)
 
@@ -545,7 +547,7 @@ def _attn_fwd_staged(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, RT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr,
     PV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, BIAS_MMA: tl.constexpr,
-    BIAS_BF16: tl.constexpr, V_SCALED: tl.constexpr, KS_TMA: tl.constexpr,
+    BIAS_BF16: tl.constexpr, V_SCALED: tl.constexpr, KS_TMA: tl.constexpr, KS_PREFETCH: tl.constexpr,
 ):
     """Prefill over the staged cache (_stage_kv): the key and value tiles are MMA operands as loaded (no
     conversion in the loop), one FP8 product over the whole head for Q.K^T, P.V in fp16 or (PV_FP8) FP8
@@ -584,11 +586,18 @@ def _attn_fwd_staged(
     sbase = b * s_ksb + hk * s_ksh
     for phase in tl.static_range(2):
         p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
+        if KS_PREFETCH and not KS_TMA:  # the phase's first tile of key scales
+            kpos = p_lo + tl.arange(0, BN)
+            ksc_n = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=(kpos < k_hi) & (kpos < p_hi), other=0.0)
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
             if KS_TMA:  # (B * Hkv, Lk) descriptor, tiles of BN scales (past Lk: zeros)
                 ksc = ks_ptr.load([bh, start]).reshape(BN).to(tl.float32)
+            elif KS_PREFETCH:  # pointer loads one tile ahead (a byte a key: too narrow to be pipelined)
+                ksc = ksc_n.to(tl.float32)
+                npos = kpos + BN
+                ksc_n = tl.load(ks_ptr + sbase + npos * s_ksl, mask=(npos < k_hi) & (npos < p_hi), other=0.0)
             elif phase == 0:
                 ksc = tl.load(ks_ptr + sbase + kpos * s_ksl).to(tl.float32)
             else:
@@ -876,7 +885,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, HKV=hkv, D=d, R=r, HAS_BIAS=has_bias, CAUSAL=causal, RT=rt, BM=bm, BN=bn, HAS_LENS=has_lens,
             PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, BIAS_MMA=bias_mma, BIAS_BF16=bias_mma and q8.is_cuda,
-            V_SCALED=v_scaled, KS_TMA=ks_tma, num_warps=num_warps,
+            V_SCALED=v_scaled, KS_TMA=ks_tma, KS_PREFETCH=STAGED_KS_PREFETCH, num_warps=num_warps,
             num_stages=num_stages)
         return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)

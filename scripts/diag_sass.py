@@ -128,7 +128,7 @@ def staged(bm, bn, warps, stages, bias=False, ks_tma=True, S=8192):
             *qb.stride()[:3], kbm.stride(0), 0, kbm.stride(2), *out.stride()[:3])
     kw = dict(HQ=h, HKV=h, D=d, R=16, HAS_BIAS=bias, CAUSAL=True, RT=2 if bias else 0, BM=bm, BN=bn,
               HAS_LENS=False, PV_FP8=False, EXACT_ROUND=False, TMA=True, BIAS_MMA=bias, BIAS_BF16=bias,
-              V_SCALED=True, KS_TMA=ks_tma, num_warps=warps, num_stages=stages)
+              V_SCALED=True, KS_TMA=ks_tma, KS_PREFETCH=A.STAGED_KS_PREFETCH, num_warps=warps, num_stages=stages)
     return A._attn_fwd_staged.warmup(*args, grid=(1,), **kw)
 
 
