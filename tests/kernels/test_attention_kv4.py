@@ -107,6 +107,35 @@ def test_decode_default_program_shape(spec, monkeypatch):
     _run(2, 8, 2, 1, 600, 64, spec, True, 0, None, seed=21, tiles=False)
 
 
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False)])
+@pytest.mark.parametrize("staged,bias_r", [(False, 0), (True, 2)])
+def test_scale_prefetch_is_bit_identical(spec, staged, bias_r, monkeypatch):
+    # the per-token scales (and zero points) loaded one tile ahead (UNSTAGED_PREFETCH, the decode kernel;
+    # STAGED_KS_PREFETCH, the staged prefill's pointer-loaded key scales) give the very same output as
+    # loading them in their own iteration; the prefetch switched on is also covered against float64 above
+    import fireq_kernels.attention_kv4 as ak
+
+    lq, lk = (1, 150) if not staged else (40, 75)
+    d = 64 if GPU else 32
+    q8, qs, qk, qv, qb, kb = _case(2, 4, 2, lq, lk, d, spec, seed=lq + lk, bias_r=bias_r)
+    dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+
+    def run():
+        return kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
+                                    qv.packed.to(DEV), qv.scales.to(DEV), 1 / math.sqrt(d), True, 0,
+                                    dv(qk.zeros), dv(qv.zeros), dv(qb), dv(kb), out_dtype=torch.float32,
+                                    splits=None if staged else 2, block_m=16, block_n=16 if not GPU else 64,
+                                    staged=staged)
+
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(ak, "UNSTAGED_PREFETCH", on)
+        monkeypatch.setattr(ak, "STAGED_KS_PREFETCH", on)
+        outs.append(run())
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(scale_dtype="bf16")])
 @pytest.mark.parametrize("lq,lk,causal,window,splits", [(24, 24, True, 0, 1), (17, 30, False, 0, 1),
                                                        (20, 20, True, 7, 1), (1, 50, True, 0, 3), (3, 41, True, 0, 2)])
