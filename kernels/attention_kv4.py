@@ -194,6 +194,23 @@ def _phase_range(phase: tl.constexpr, k_lo, k_full, k_hi):
 
 
 @triton.jit
+def _token_params(ks_ptr, vs_ptr, kz_ptr, vz_ptr, sbase, s_ksl, start, p_hi, k_hi, BN: tl.constexpr,
+                  SYM: tl.constexpr):
+    """One scale a token: the key and value scales (and zero points; SYM: the scales again, unused) of the
+    BN keys from start, zeros past the phase's or the split's end."""
+    kpos = start + tl.arange(0, BN)
+    ok = (kpos < k_hi) & (kpos < p_hi)
+    ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=ok, other=0.0)
+    vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=ok, other=0.0)
+    kz = ksc
+    vz = vsc
+    if not SYM:
+        kz = tl.load(kz_ptr + sbase + kpos * s_ksl, mask=ok, other=0)
+        vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=ok, other=0)
+    return ksc, vsc, kz, vz
+
+
+@triton.jit
 def _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL: tl.constexpr,
                   MASKED: tl.constexpr):
     """The masks (MASKED: the causal diagonal, the window, the ragged ends; otherwise every key of the tile
@@ -268,13 +285,8 @@ def _attn_fwd(
     for phase in tl.static_range(2):
         p_lo, p_hi = _phase_range(phase, k_lo, k_full, k_hi)
         if NG == 1 and PREFETCH:  # the phase's first tile of per-token scales (and zero points)
-            kpos = p_lo + tl.arange(0, BN)
-            k_ok = (kpos < k_hi) & (kpos < p_hi)
-            ksc_n = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
-            vsc_n = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
-            if not SYM:
-                kz_n = tl.load(kz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
-                vz_n = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0)
+            ksc_n, vsc_n, kz_n, vz_n = _token_params(ks_ptr, vs_ptr, kz_ptr, vz_ptr, sbase, s_ksl, p_lo, p_hi, k_hi,
+                                                     BN, SYM)
         for start in range(p_lo, p_hi, BN):
             kpos = start + tl.arange(0, BN)
             k_ok = kpos < k_hi
@@ -285,16 +297,10 @@ def _attn_fwd(
             if NG == 1 and PREFETCH:
                 ksc1 = ksc_n
                 vsc1 = vsc_n
-                if not SYM:
-                    kz1 = kz_n
-                    vz1 = vz_n
-                npos = kpos + BN
-                n_ok = (npos < k_hi) & (npos < p_hi)
-                ksc_n = tl.load(ks_ptr + sbase + npos * s_ksl, mask=n_ok, other=0.0)
-                vsc_n = tl.load(vs_ptr + sbase + npos * s_ksl, mask=n_ok, other=0.0)
-                if not SYM:
-                    kz_n = tl.load(kz_ptr + sbase + npos * s_ksl, mask=n_ok, other=0)
-                    vz_n = tl.load(vz_ptr + sbase + npos * s_ksl, mask=n_ok, other=0)
+                kz1 = kz_n
+                vz1 = vz_n
+                ksc_n, vsc_n, kz_n, vz_n = _token_params(ks_ptr, vs_ptr, kz_ptr, vz_ptr, sbase, s_ksl, start + BN,
+                                                         p_hi, k_hi, BN, SYM)
             elif NG == 1:
                 ksc1 = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)
                 vsc1 = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=k_ok, other=0.0)

@@ -109,7 +109,8 @@ def make(B, L, sym, dev, hq=32, hkv=8, d=128, seed=0):
 
 
 def rel_err(out, q8, qs, qk, qv, sym):
-    """Relative error against float64 attention over the same quantized operands."""
+    """Relative error of a decode output (B, Hq, 1, D) against float64 attention over the same quantized
+    operands (q8 (B, Hq, 1, D) with qs (B, Hq); the KV cache as quantize_kv gives it)."""
     from fireq.formats.kv import KVSpec, dequantize_kv
 
     d = q8.shape[-1]

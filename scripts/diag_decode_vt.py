@@ -84,7 +84,7 @@ def _case(B, L, sym, dev, seed=0, hq=32, hkv=8, d=128):
 
 def check(dev):
     """The key-blocked kernel against the shipped decode kernel (same arithmetic) and a float64 reference."""
-    from fireq.formats.kv import KVSpec, dequantize_kv
+    from diag_decode_regs import rel_err
     from fireq_kernels.attention_kv4 import kv4_attention_triton
 
     small = dev == "cpu"
@@ -99,13 +99,8 @@ def check(dev):
             ship = kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales, sm, True,
                                         k_zero=qk.zeros, v_zero=qv.zeros, splits=splits, block_m=16, block_n=bn,
                                         out_dtype=torch.float32)
-            spec = KVSpec(symmetric=sym)
-            kd = dequantize_kv(qk, d, spec, torch.float64).repeat_interleave(hq // hkv, 1)
-            vd = dequantize_kv(qv, d, spec, torch.float64).repeat_interleave(hq // hkv, 1)
-            qd = q8.double() * qs[..., None].double()
-            ref = torch.softmax(qd @ kd.transpose(-1, -2) * sm, -1) @ vd
-            e_new = ((got.double() - ref).norm() / ref.norm()).item()
-            e_ship = ((ship.double() - ref).norm() / ref.norm()).item()
+            e_new = rel_err(got, q8, qs, qk, qv, sym)
+            e_ship = rel_err(ship, q8, qs, qk, qv, sym)
             diff = (got - ship).abs().max().item()
             print(f"sym={sym} B={B} L={L}: err new {e_new:.2e}, shipped {e_ship:.2e}, max |new - shipped| {diff:.2e}")
             assert e_new <= 2 * e_ship + 1e-6, "the key-blocked kernel is less accurate than the shipped one"

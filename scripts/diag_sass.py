@@ -132,9 +132,12 @@ def staged(bm, bn, warps, stages, bias=False, ks_tma=True, S=8192):
     return A._attn_fwd_staged.warmup(*args, grid=(1,), **kw)
 
 
-def decode(bm, bn, warps, stages, splits=8, L=131072, B=8):
+def decode(bm, bn, warps, stages, splits=8, L=131072, B=8, tma=None):
     """_attn_fwd as kv4_attention_triton's decode default launches it: 32 query / 8 KV heads, d = 128, one
-    query, symmetric INT4 cache with FP8 scales, split along the keys."""
+    query, symmetric INT4 cache with FP8 scales, split along the keys; the code tiles by descriptors as the
+    wrapper's switches say (tma=None) or as given."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     from fireq_kernels import attention_kv4 as A
     from fireq_kernels.int4cvt import use_asm
 
@@ -145,11 +148,14 @@ def decode(bm, bn, warps, stages, splits=8, L=131072, B=8):
     ks = torch.empty(B, hkv, L, 1, dtype=torch.float8_e4m3fn)
     part = torch.empty(B, hq, 1, splits, d)
     lse = torch.empty(B, hq, 1, splits)
-    args = (q8, qs, k, ks, ks, k, ks, ks, qs, qs, part, lse, qs, qs, 1, L, 0.1, 0,
+    if tma is None:
+        tma = A.UNSTAGED_TMA and A.UNSTAGED_TMA_SYM
+    kd = TensorDescriptor(k, [B * hkv, L, d // 2], [L * d // 2, d // 2, 1], [1, bn, d // 2]) if tma else k
+    args = (q8, qs, kd, ks, ks, kd, ks, ks, qs, qs, part, lse, qs, qs, 1, L, 0.1, 0,
             *q8.stride()[:3], qs.stride(0), qs.stride(1), *k.stride()[:3], *ks.stride()[:3],
             0, 0, 0, 0, 0, 0, *part.stride()[:4])
     kw = dict(HQ=hq, HKV=hkv, D=d, G=d, R=16, SYM=True, HAS_BIAS=False, CAUSAL=True, SPLITS=splits, RT=0, BM=bm,
-              BN=bn, HAS_LENS=False, ASM=use_asm(), PV_FP8=False, EXACT_ROUND=False, TMA=False,
+              BN=bn, HAS_LENS=False, ASM=use_asm(), PV_FP8=False, EXACT_ROUND=False, TMA=tma,
               QK_F16=A.DECODE_QK_F16, PREFETCH=A.UNSTAGED_PREFETCH, num_warps=warps, num_stages=stages)
     return A._attn_fwd.warmup(*args, grid=(1,), **kw)
 
