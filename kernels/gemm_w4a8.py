@@ -46,6 +46,9 @@ GEMM_TMA = False  # measured 7-8% slower at prefill with the pointer-tuned confi
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
 # order on the GPU, whatever the twin's FP32 error. (cuBLAS FP8 without split accumulation shares it.)
 FP8_MMA_ACC_RTOL = 2.0**-13
+# tiled kernel over the kernel layout: the group scales of each K tile loaded one iteration ahead. Off until
+# timed (scripts/diag_gemm_prefetch.py); the attention kernels' equivalent paid on the H200
+GEMM_SCALE_PREFETCH = False
 
 
 # ----------------------------------------------------------------------------- configs
@@ -204,7 +207,7 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    PERSIST: tl.constexpr, TMA: tl.constexpr,
+    PERSIST: tl.constexpr, TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -217,12 +220,12 @@ def _w4a8_gemm_kernel(
             _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K,
                 inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, GROUP, PER_CHANNEL,
                 HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16, FUSED_SPLITK, HALF, ASM,
-                EPI, HAS_RES, TMA)
+                EPI, HAS_RES, TMA, SCALE_PREFETCH)
     else:
         _gemm_tile(tl.program_id(0), tl.program_id(1), x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
             cnt_ptr, r_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
             GROUP, PER_CHANNEL, HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16,
-            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA)
+            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH)
 
 
 @triton.jit
@@ -234,10 +237,13 @@ def _gemm_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
 ):
     """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel. TMA (kernel layout only): x_ptr and
-    w_ptr are tensor descriptors with blocks (BM, BK/2) and (BN, BK/2); zeros past M, N and K."""
+    w_ptr are tensor descriptors with blocks (BM, BK/2) and (BN, BK/2); zeros past M, N and K.
+    SCALE_PREFETCH (kernel layout, group scales): each K tile's group scales are loaded one iteration ahead
+    (a byte a row gathered across rows: too narrow for the pipeliner's asynchronous copies, so the load
+    would otherwise wait on memory inside each iteration)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     width = GROUP_M * num_n
@@ -267,8 +273,16 @@ def _gemm_tile(
     if not TMA:
         x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    PREFETCH: tl.constexpr = SCALE_PREFETCH and HALF and not PER_CHANNEL
+    if PREFETCH:  # (the tile index as a vector: the interpreter takes no scalar in a load's mask)
+        tv = t0 + 0 * offs_n
+        sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
     for t in range(t0, t1):
         k0 = t * BK
+        if PREFETCH:
+            sg_t = sg_n
+            tv = t + 1 + 0 * offs_n
+            sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
         if HALF:
             # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
             # k0 + BK/2 + j (high nibble); rows padded with zero codes to whole tiles. Two MMAs over the
@@ -293,7 +307,10 @@ def _gemm_tile(
             if PER_CHANNEL:
                 acc += part
             else:
-                sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+                if PREFETCH:
+                    sg = sg_t.to(tl.float32)
+                else:
+                    sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
                 if SWAP:
                     acc += part * sg[:, None]
                 else:
@@ -676,7 +693,8 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"],
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
-        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, TMA=tma, num_warps=cfg["num_warps"],
+        ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, TMA=tma,
+        SCALE_PREFETCH=GEMM_SCALE_PREFETCH, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out

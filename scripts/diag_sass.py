@@ -7,6 +7,7 @@ For checking a kernel change (spills, layout conversions, byte loads) before spe
     python scripts/diag_sass.py staged --cfg 64,128,4,2 --bias
     python scripts/diag_sass.py decode --dump /tmp/decode      # also writes .ttgir, .ptx, .sass there
     python scripts/diag_sass.py gemv --cfg 8,2048,4,1
+    python scripts/diag_sass.py swap --prefetch 1                # the GEMM's tiled (SWAP) schedule at M = 16
 
 Needs Triton's NVIDIA backend (its ptxas, cuobjdump and nvdisasm come with the wheel); nothing is launched.
 The triton version decides the code: the GPU machine runs 3.6 (pip install triton==3.6.0 into a venv to
@@ -178,6 +179,30 @@ def gemv(bn, bk, warps, stages, n=4096, k=4096, group=128, layout_block=128):
     return G._w4a8_gemv_kernel.warmup(*args, grid=(1,), **kw)
 
 
+def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, prefetch=None):
+    """_w4a8_gemm_kernel's SWAP schedule (the decode GEMM for 2-64 tokens) as w4a8_gemm_triton launches it:
+    INT4 (N, K) weights in the kernel layout of BK-channel blocks, g128 FP8 scales, split-K summed in the
+    kernel; the group scales one tile ahead as GEMM_SCALE_PREFETCH says (prefetch=None) or as given."""
+    from fireq_kernels import gemm_w4a8 as G
+    from fireq_kernels.int4cvt import use_asm
+
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+    xs = torch.empty(m)
+    w = torch.empty(n, k // 2, dtype=torch.uint8)
+    ws = torch.empty(n, k // group, dtype=torch.float8_e4m3fn)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    part = torch.empty(split, m, n)
+    cnt = torch.empty(n // bn, dtype=torch.int32)
+    args = (xq, xs, w, ws, xs, out, part, cnt, xs, m, n, k, 1.0, 1.0, xq.stride(0), w.stride(0), ws.stride(0),
+            out.stride(0), 0)
+    kw = dict(GROUP=group, PER_CHANNEL=False, HAS_BIAS=False, BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8,
+              SWAP=True, UNPACK_DUP=False, PRECISE_ACC=None, DEQ16=False, FUSED_SPLITK=split > 1, HALF=True,
+              ASM=use_asm(), EPI=0, HAS_RES=False, PERSIST=0, TMA=False,
+              SCALE_PREFETCH=G.GEMM_SCALE_PREFETCH if prefetch is None else prefetch, num_warps=warps,
+              num_stages=stages)
+    return G._w4a8_gemm_kernel.warmup(*args, grid=(1,), **kw)
+
+
 def report(name: str, kernel, top: int = 16) -> str:
     """Print a compiled kernel's resources and the instruction mix of the whole kernel and of its longest
     block; returns its SASS."""
@@ -206,21 +231,26 @@ def setup():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["staged", "decode", "gemv"])
+    ap.add_argument("kernel", choices=["staged", "decode", "gemv", "swap"])
     ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,128,2,3); "
-                                                  "gemv: BN,BK,warps,stages (default 8,2048,4,1)")
+                                                  "gemv: BN,BK,warps,stages (default 8,2048,4,1); "
+                                                  "swap: BM,BN,BK,warps,stages (default 16,64,128,4,4)")
     ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
     ap.add_argument("--no-ks-tma", action="store_true", help="staged: key scales by pointer loads")
+    ap.add_argument("--prefetch", type=int, default=None, help="swap: group scales one tile ahead (1) or not (0)")
     ap.add_argument("--dump", default=None, help="a folder for the .ttgir, .ptx and .sass")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args()
     setup()
-    default = {"staged": "64,128,4,2", "decode": "16,128,2,3", "gemv": "8,2048,4,1"}[args.kernel]
+    default = {"staged": "64,128,4,2", "decode": "16,128,2,3", "gemv": "8,2048,4,1",
+               "swap": "16,64,128,4,4"}[args.kernel]
     cfg = tuple(int(x) for x in (args.cfg or default).split(","))
     if args.kernel == "staged":
         k = staged(*cfg, bias=args.bias, ks_tma=not args.no_ks_tma)
     elif args.kernel == "decode":
         k = decode(*cfg)
+    elif args.kernel == "swap":
+        k = swap(*cfg, prefetch=None if args.prefetch is None else bool(args.prefetch))
     else:
         k = gemv(*cfg)
     text = report(f"{args.kernel} cfg={cfg}", k, args.top)

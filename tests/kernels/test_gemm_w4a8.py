@@ -163,6 +163,27 @@ def test_gemm_kernel_layout_matches_float64(m, n, k, gs, lb, cfg):
         assert err <= 2 * err_twin + (FP8_MMA_ACC_RTOL if GPU else 1e-7), (err, err_twin)
 
 
+@pytest.mark.parametrize("m,n,k,gs,lb,cfg", [c for c in HALF_CASES if not c[5].get("GEMV") and c[3] != -1])
+def test_scale_prefetch_is_bit_identical(m, n, k, gs, lb, cfg, monkeypatch):
+    # the group scales loaded one K tile ahead (GEMM_SCALE_PREFETCH) give the very same output as loading
+    # them in their own iteration, with splits, ragged K and both scale dtypes
+    import fireq_kernels.gemm_w4a8 as G
+
+    cfg = dict(cfg)
+    sdt = cfg.pop("SCALES", "fp8")
+    if GPU:
+        cfg = dict(cfg, BM=max(cfg["BM"], 16), BN=max(cfg["BN"], 64), num_stages=3)
+    x, qweight, scales, e, b = _operands(m, n, k, gs, 31, scale_dtype=sdt)
+    half = G.repack_half(qweight, k, lb)
+    xq, xs = quantize_fp8_rows_ref(x)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(G, "GEMM_SCALE_PREFETCH", on)
+        outs.append(w4a8_gemm_triton(xq, xs, half, scales, e, gs, b, torch.float32, config=cfg, layout_block=lb))
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 EPI_CASES = [
     # m, n (gate = up channels), k, group, layout block, config
     (1, 40, 256, 128, 0, dict(GEMV=True, BN=16, BK=128, SPLIT_K=1, num_warps=4, num_stages=2)),

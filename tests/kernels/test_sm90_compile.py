@@ -1,4 +1,4 @@
-"""The attention kernels compile for sm_90 (TMA descriptors, wgmma, inline PTX), checked on any machine:
+"""The attention kernels and the GEMM's tiled schedule compile for sm_90 (TMA descriptors, wgmma, inline PTX), checked on any machine:
 scripts/diag_sass.py drives Triton's JIT with a stand-in sm_90 driver in a subprocess without the
 interpreter. The CPU tests run the kernels in the interpreter, which never sees GPU-only code paths (the
 descriptor loads of the staged prefill); this catches a change that would only fail on the GPU."""
@@ -24,8 +24,9 @@ def _has_nvidia_tools() -> bool:
 
 
 @pytest.mark.skipif(not _has_nvidia_tools(), reason="Triton's NVIDIA backend (ptxas) not installed")
-@pytest.mark.parametrize("argv", [["staged"], ["staged", "--bias"], ["staged", "--cfg", "64,64,4,2"], ["decode"]])
-def test_attention_kernels_compile_for_sm90(argv):
+@pytest.mark.parametrize("argv", [["staged"], ["staged", "--bias"], ["staged", "--cfg", "64,64,4,2"], ["decode"],
+                                  ["swap", "--prefetch", "1"]])
+def test_kernels_compile_for_sm90(argv):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "diag_sass.py"), *argv], capture_output=True,
                        text=True, env=env, timeout=600)

@@ -1,0 +1,113 @@
+"""The W4A8 GEMM's tiled (SWAP) schedule with its group scales loaded one K tile ahead (GEMM_SCALE_PREFETCH)
+against the same kernel loading them in their own iteration, with cuBLAS BF16 in the same run.
+
+Why: on sm_90 the scale load of each K tile is a byte a row gathered across rows (64 B over 128 threads),
+too narrow for Triton's asynchronous copies, so it is a plain load waited on inside every iteration
+(scripts/diag_sass.py swap); the attention kernels' equivalent loads moved one tile ahead paid on the H200
+(attn-decode-prefetch-diag-h200.json, attn-alibi-prefetch-diag-h200.json).
+
+    python scripts/diag_gemm_prefetch.py --check          # CPU (interpreter) or GPU: outputs bit-identical
+    python scripts/diag_gemm_prefetch.py --json FILE      # GPU: timings (tuned configs, kernel layout)
+
+Llama-3-8B shapes, M in {4, 16, 64, 256, 4096} (the GEMV takes M = 1 and has no such load), weights rotated
+past L2, CUDA-graph timing; off and on timed in alternation (PAIRS pairs, medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+MS = (4, 16, 64, 256, 4096)
+PAIRS = 3
+
+
+def _gemm(prefetch, xq, xs, w, qw, cfg, lb=128):
+    import fireq_kernels.gemm_w4a8 as G
+
+    G.GEMM_SCALE_PREFETCH = prefetch
+    try:
+        return G.w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
+                                  config=cfg, layout_block=lb)
+    finally:
+        G.GEMM_SCALE_PREFETCH = False
+
+
+def check(dev):
+    from fireq.formats.int4 import quantize_int4
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
+
+    small = dev == "cpu"
+    for m, n, k in ((5, 64, 640), (16, 96, 384)) if small else ((16, 4096, 4096), (256, 6144, 4096)):
+        g = torch.Generator().manual_seed(m + n)
+        qw = quantize_int4(torch.randn(n, k, generator=g) * 0.02, 128)
+        w = repack_half(qw.qweight, k, 128).to(dev)
+        xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
+        cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=2, GROUP_M=8, num_warps=4,
+                   num_stages=2 if small else 4)
+        qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
+        a, b = _gemm(False, xq, xs, w, qwt, cfg), _gemm(True, xq, xs, w, qwt, cfg)
+        print(f"M={m} N={n} K={k}: max |on - off| {(a.float() - b.float()).abs().max().item():.1e}")
+        assert torch.equal(a, b)
+
+
+def bench(path):
+    from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
+    from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
+
+    print(f"tuned configs loaded: {load_tuned()}", flush=True)
+    env = env_info()
+    rows = []
+    for n, k in SHAPES:
+        wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
+        kern = [repack_half(q, k, 128) for q, _, _ in wsets]
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(len(wsets), 4))]
+        for m in MS:
+            cfg = pick_config(m, n, k, 128)
+            if cfg.get("GEMV"):
+                continue
+            nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
+            xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
+            sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
+            fns = {p: [lambda x=x, w=w, q=q, p=p: _gemm(p, x[0], x[1], w, q, cfg) for x, w, q in sets]
+                   for p in (False, True)}
+            assert torch.equal(fns[False][0](), fns[True][0]())
+            pairs = [(bench_graph(fns[False]), bench_graph(fns[True])) for _ in range(PAIRS)]
+            t_off = statistics.median(p[0] for p in pairs)
+            t_on = statistics.median(p[1] for p in pairs)
+            xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = bench_graph([lambda w=w: torch.matmul(xb, w.t()) for w in wb])
+            rows.append(dict(N=n, K=k, M=m, off_us=t_off * 1e3, on_us=t_on * 1e3, gain=t_off / t_on,
+                             off_vs_bf16=t_bf16 / t_off, on_vs_bf16=t_bf16 / t_on, config=cfg))
+            print(rows[-1], flush=True)
+        del wsets, kern, wb
+        torch.cuda.empty_cache()
+    summary = {"gain_decode": geomean([r["gain"] for r in rows if r["M"] <= 16]),
+               "gain_prefill": geomean([r["gain"] for r in rows if r["M"] >= 4096]),
+               "gain_all": geomean([r["gain"] for r in rows])}
+    print(table(rows, ["N", "K", "M", "off_us", "on_us", "gain", "off_vs_bf16", "on_vs_bf16"]))
+    print(summary)
+    write_json(path, dict(env=env, rows=rows, summary=summary))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.check or not args.json:
+        check(dev)
+    if args.json:
+        bench(args.json)
+
+
+if __name__ == "__main__":
+    main()
