@@ -232,6 +232,18 @@ def _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL: t
 
 
 @triton.jit
+def _softmax_tile(s, m_i, l_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One key tile of the online softmax over the unscaled scores s: (p, alpha, l_i, m_new), the tile's
+    probabilities (unnormalized, exp2 in log2 units), the factor that rescales what came before, the new
+    running sum and the new running max."""
+    s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, MASKED)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
+    return p, alpha, l_i * alpha + tl.sum(p, axis=1), m_new
+
+
+@triton.jit
 def _attn_fwd(
     q_ptr, qs_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, qb_ptr, kb_ptr,
     out_ptr, lse_ptr, lq_ptr, lk_ptr,
@@ -344,10 +356,8 @@ def _attn_fwd(
             if HAS_BIAS:
                 s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
                               bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
-            s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, l_i, m_new = _softmax_tile(s, m_i, l_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL,
+                                                 phase == 1)
             if PV_FP8:
                 vsc = vsc1.to(tl.float32)
                 c_new = tl.maximum(c_i, tl.max(vsc, axis=0))
@@ -637,10 +647,8 @@ def _attn_fwd_staged(
                 else:
                     s = _add_bias(s, qb0, qb1, qbias, kb0, kb1, qb_ptr, kb_ptr, b, hq, hk, qpos, kpos, row_ok, k_ok,
                                   bias_unit, s_qbb, s_qbh, s_qbl, s_kbb, s_kbh, s_kbl, R, RT)
-            s, m_new, m_safe = _mask_and_max(s, m_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL, phase == 1)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s * qk_scale[:, None] - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, l_i, m_new = _softmax_tile(s, m_i, l_i, qk_scale, kpos, k_ok, row_ok, abs_q, window, CAUSAL,
+                                                 phase == 1)
             acc = acc * alpha[:, None]
             m_i = m_new
             if TMA:

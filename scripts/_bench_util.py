@@ -87,3 +87,15 @@ def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def check_then_bench(args, check, bench, *extra) -> None:
+    """The diag scripts' two modes: check(device, *extra) against references (on the GPU, or on the CPU
+    under TRITON_INTERPRET=1), run unless only --json was given; then bench(args.json, *extra), the GPU
+    timings, when --json was."""
+    import torch
+
+    if args.check or not args.json:
+        check("cuda" if torch.cuda.is_available() else "cpu", *extra)
+    if args.json:
+        bench(args.json, *extra)

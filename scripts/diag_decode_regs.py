@@ -195,11 +195,9 @@ def main():
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"diag_decode_regs: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.check or not args.json:
-        check(dev, names)
-    if args.json:
-        bench(args.json, names)
+    from _bench_util import check_then_bench
+
+    check_then_bench(args, check, bench, names)
 
 
 if __name__ == "__main__":

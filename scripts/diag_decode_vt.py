@@ -186,11 +186,9 @@ def main():
     if args.sass:
         sass_report()
         return
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.check or not args.json:
-        check(dev)
-    if args.json:
-        bench(args.json)
+    from _bench_util import check_then_bench
+
+    check_then_bench(args, check, bench)
 
 
 if __name__ == "__main__":

@@ -102,11 +102,9 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.check or not args.json:
-        check(dev)
-    if args.json:
-        bench(args.json)
+    from _bench_util import check_then_bench
+
+    check_then_bench(args, check, bench)
 
 
 if __name__ == "__main__":
