@@ -194,19 +194,25 @@ def _phase_range(phase: tl.constexpr, k_lo, k_full, k_hi):
 
 
 @triton.jit
+def _per_token(ptr, sbase, s_ksl, start, p_hi, k_hi, BN: tl.constexpr):
+    """A per-token value (scale or zero point, one a token) of the BN keys from start; zeros past the
+    phase's or the split's end."""
+    kpos = start + tl.arange(0, BN)
+    return tl.load(ptr + sbase + kpos * s_ksl, mask=(kpos < k_hi) & (kpos < p_hi), other=0.0)
+
+
+@triton.jit
 def _token_params(ks_ptr, vs_ptr, kz_ptr, vz_ptr, sbase, s_ksl, start, p_hi, k_hi, BN: tl.constexpr,
                   SYM: tl.constexpr):
     """One scale a token: the key and value scales (and zero points; SYM: the scales again, unused) of the
     BN keys from start, zeros past the phase's or the split's end."""
-    kpos = start + tl.arange(0, BN)
-    ok = (kpos < k_hi) & (kpos < p_hi)
-    ksc = tl.load(ks_ptr + sbase + kpos * s_ksl, mask=ok, other=0.0)
-    vsc = tl.load(vs_ptr + sbase + kpos * s_ksl, mask=ok, other=0.0)
+    ksc = _per_token(ks_ptr, sbase, s_ksl, start, p_hi, k_hi, BN)
+    vsc = _per_token(vs_ptr, sbase, s_ksl, start, p_hi, k_hi, BN)
     kz = ksc
     vz = vsc
     if not SYM:
-        kz = tl.load(kz_ptr + sbase + kpos * s_ksl, mask=ok, other=0)
-        vz = tl.load(vz_ptr + sbase + kpos * s_ksl, mask=ok, other=0)
+        kz = _per_token(kz_ptr, sbase, s_ksl, start, p_hi, k_hi, BN)
+        vz = _per_token(vz_ptr, sbase, s_ksl, start, p_hi, k_hi, BN)
     return ksc, vsc, kz, vz
 
 
