@@ -8,6 +8,10 @@ import math
 import platform
 
 
+# bench_attention's decode points: (symmetric cache, cache length L, batch B), both cache formats
+DECODE_POINTS = tuple((sym, L, B) for sym in (True, False) for L in (8192, 32768, 131072) for B in (1, 8))
+
+
 def env_info() -> dict:
     import torch
     import triton

@@ -141,39 +141,37 @@ def check(dev, names):
 def bench(path, names):
     import torch.nn.functional as F
 
-    from _bench_util import bench_graph, copies_for, env_info, geomean, table, write_json
+    from _bench_util import DECODE_POINTS, bench_graph, copies_for, env_info, geomean, table, write_json
     from fireq.formats.kv import KVSpec, quantize_kv
 
     env = env_info()
     rows = []
-    for sym in (True, False):
+    for sym, L, B in DECODE_POINTS:
         spec = KVSpec(symmetric=sym)
-        for L in (8192, 32768, 131072):
-            for B in (1, 8):
-                q, k, v, q8, qs, qk, qv = make(B, L, sym, "cuda", seed=L + B)
-                sm = 1 / math.sqrt(128)
-                sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
-                caches = [(qk, qv)] + [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
-                                       for _ in range(sets - 1)]
-                row = dict(sym=sym, L=L, B=B)
-                for name in names:
-                    fns = [lambda a=a, c=c, n=name: call(n, q8, qs, a, c, sm, B, L) for a, c in caches]
-                    try:
-                        row[name] = bench_graph(fns)
-                    except Exception as e:  # a launch that does not fit: noted, the rest goes on
-                        print("failed", name, type(e).__name__, str(e)[:120], flush=True)
-                        row[name] = None
-                ks = [k] + [torch.randn_like(k) for _ in range(min(sets, 2) - 1)]
-                vs = [v] + [torch.randn_like(v) for _ in range(min(sets, 2) - 1)]
-                row["sdpa"] = bench_graph([lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
-                                           for kk, vv in zip(ks, vs)])
-                for name in names:
-                    if row[name]:
-                        row[f"{name}_vs_sdpa"] = row["sdpa"] / row[name]
-                rows.append(row)
-                print({kk: (round(x, 4) if isinstance(x, float) else x) for kk, x in row.items()}, flush=True)
-                del q, k, v, caches, ks, vs
-                torch.cuda.empty_cache()
+        q, k, v, q8, qs, qk, qv = make(B, L, sym, "cuda", seed=L + B)
+        sm = 1 / math.sqrt(128)
+        sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
+        caches = [(qk, qv)] + [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
+                               for _ in range(sets - 1)]
+        row = dict(sym=sym, L=L, B=B)
+        for name in names:
+            fns = [lambda a=a, c=c, n=name: call(n, q8, qs, a, c, sm, B, L) for a, c in caches]
+            try:
+                row[name] = bench_graph(fns)
+            except Exception as e:  # a launch that does not fit: noted, the rest goes on
+                print("failed", name, type(e).__name__, str(e)[:120], flush=True)
+                row[name] = None
+        ks = [k] + [torch.randn_like(k) for _ in range(min(sets, 2) - 1)]
+        vs = [v] + [torch.randn_like(v) for _ in range(min(sets, 2) - 1)]
+        row["sdpa"] = bench_graph([lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+                                   for kk, vv in zip(ks, vs)])
+        for name in names:
+            if row[name]:
+                row[f"{name}_vs_sdpa"] = row["sdpa"] / row[name]
+        rows.append(row)
+        print({kk: (round(x, 4) if isinstance(x, float) else x) for kk, x in row.items()}, flush=True)
+        del q, k, v, caches, ks, vs
+        torch.cuda.empty_cache()
     summary = {}
     for sym in (True, False):
         for name in names:

@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, copies_for, env_info, geomean, table, write_json  # noqa: E402
+from _bench_util import DECODE_POINTS, bench_graph, copies_for, env_info, geomean, table, write_json  # noqa: E402
 
 CFGS = ((None, 256), (16, 256), (32, 256), (None, 128), (32, 128), (64, 128), (16, 512))
 
@@ -33,57 +33,55 @@ def main():
     args = ap.parse_args()
     env = env_info()
     rows = []
-    for sym in (True, False):
+    for sym, L, B in DECODE_POINTS:
         spec = KVSpec(symmetric=sym)
-        for L in (8192, 32768, 131072):
-            for B in (1, 8):
-                torch.manual_seed(L + B)
-                q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-                k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-                v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-                q8, qs = quantize_fp8_rows(q)
-                qs = qs.squeeze(-1).contiguous()
-                sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
-                caches = [(quantize_kv(k if i == 0 else torch.randn_like(k), spec),
-                           quantize_kv(v if i == 0 else torch.randn_like(v), spec)) for i in range(sets)]
-                scale = 1 / math.sqrt(128)
-                ref = None
-                res = {}
-                for tma in (False, True):
-                    best = None
-                    for sp, bn in CFGS:
-                        def mk(a, c, sp=sp, bn=bn, tma=tma):
-                            def f():
-                                ak.UNSTAGED_TMA = tma
-                                return ak.kv4_attention_triton(q8, qs, a.packed, a.scales, c.packed, c.scales, scale,
-                                                               True, k_zero=a.zeros, v_zero=c.zeros, splits=sp,
-                                                               block_n=bn)
-                            return f
-                        fns = [mk(a, c) for a, c in caches]
-                        try:
-                            o = fns[0]().float()
-                            t = bench_graph(fns, warmup=5, rep=20)
-                        except Exception as ex:
-                            print("failed", tma, sp, bn, type(ex).__name__, str(ex)[:120], flush=True)
-                            continue
-                        if ref is None:
-                            ref = o
-                        diff = ((o - ref).norm() / ref.norm()).item()
-                        if best is None or t < best[0]:
-                            best = (t, (sp, bn), fns, diff)
-                    t = bench_graph(best[2])
-                    res[tma] = (t, best[1], best[3])
-                ks = [k] + [torch.randn_like(k) for _ in range(min(sets, 2) - 1)]
-                t_sdpa = bench_graph([lambda kk=kk: F.scaled_dot_product_attention(q, kk, v, enable_gqa=True)
-                                      for kk in ks])
-                kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
-                for tma, (t, cfg, diff) in res.items():
-                    rows.append(dict(sym=sym, L=L, B=B, loader="tma" if tma else "pointers", ms=t, sdpa_ms=t_sdpa,
-                                     vs_sdpa=t_sdpa / t, hbm_tbps=kv_bytes / t / 1e9, cfg=list(cfg),
-                                     diff_vs_pointers=diff))
-                    print(rows[-1], flush=True)
-                del q, k, v, caches, ks
-                torch.cuda.empty_cache()
+        torch.manual_seed(L + B)
+        q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+        q8, qs = quantize_fp8_rows(q)
+        qs = qs.squeeze(-1).contiguous()
+        sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
+        caches = [(quantize_kv(k if i == 0 else torch.randn_like(k), spec),
+                   quantize_kv(v if i == 0 else torch.randn_like(v), spec)) for i in range(sets)]
+        scale = 1 / math.sqrt(128)
+        ref = None
+        res = {}
+        for tma in (False, True):
+            best = None
+            for sp, bn in CFGS:
+                def mk(a, c, sp=sp, bn=bn, tma=tma):
+                    def f():
+                        ak.UNSTAGED_TMA = tma
+                        return ak.kv4_attention_triton(q8, qs, a.packed, a.scales, c.packed, c.scales, scale,
+                                                       True, k_zero=a.zeros, v_zero=c.zeros, splits=sp,
+                                                       block_n=bn)
+                    return f
+                fns = [mk(a, c) for a, c in caches]
+                try:
+                    o = fns[0]().float()
+                    t = bench_graph(fns, warmup=5, rep=20)
+                except Exception as ex:
+                    print("failed", tma, sp, bn, type(ex).__name__, str(ex)[:120], flush=True)
+                    continue
+                if ref is None:
+                    ref = o
+                diff = ((o - ref).norm() / ref.norm()).item()
+                if best is None or t < best[0]:
+                    best = (t, (sp, bn), fns, diff)
+            t = bench_graph(best[2])
+            res[tma] = (t, best[1], best[3])
+        ks = [k] + [torch.randn_like(k) for _ in range(min(sets, 2) - 1)]
+        t_sdpa = bench_graph([lambda kk=kk: F.scaled_dot_product_attention(q, kk, v, enable_gqa=True)
+                              for kk in ks])
+        kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
+        for tma, (t, cfg, diff) in res.items():
+            rows.append(dict(sym=sym, L=L, B=B, loader="tma" if tma else "pointers", ms=t, sdpa_ms=t_sdpa,
+                             vs_sdpa=t_sdpa / t, hbm_tbps=kv_bytes / t / 1e9, cfg=list(cfg),
+                             diff_vs_pointers=diff))
+            print(rows[-1], flush=True)
+        del q, k, v, caches, ks
+        torch.cuda.empty_cache()
     summary = {f"{ld}{'' if sym else '_asym'}": geomean([r["vs_sdpa"] for r in rows if r["sym"] == sym and
                                                           r["loader"] == ld])
                for sym in (True, False) for ld in ("pointers", "tma")}

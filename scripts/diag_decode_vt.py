@@ -138,37 +138,35 @@ def bench(path):
     """GPU: the key-blocked kernel, the shipped one and SDPA over a BF16 cache at bench_attention's points."""
     import torch.nn.functional as F
 
-    from _bench_util import bench_graph, env_info, geomean, table, write_json
+    from _bench_util import DECODE_POINTS, bench_graph, env_info, geomean, table, write_json
     from fireq_kernels.attention_kv4 import kv4_attention_triton
 
     env = env_info()
     rows = []
-    for sym in (True, False):
-        for L in (8192, 32768, 131072):
-            for B in (1, 8):
-                q8, qs, qk, qv = _case(B, L, sym, "cuda", seed=L + B)
-                vt = to_key_blocks(qv.packed, 128)
-                sm = 1 / math.sqrt(128)
-                best_new = None
-                for splits in (4, 8, 16, 32, 64):
-                    if L // 128 < splits:
-                        continue
-                    f = lambda s=splits: decode_vt(q8, qs, qk.packed, qk.scales, vt, qv.scales, sm,  # noqa: E731
-                                                   qk.zeros, qv.zeros, splits=s)
-                    t = bench_graph([f], warmup=5, rep=20)
-                    if best_new is None or t < best_new[0]:
-                        best_new = (t, splits, f)
-                t_new = bench_graph([best_new[2]])
-                t_ship = bench_graph([lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales,
-                                                                   sm, True, k_zero=qk.zeros, v_zero=qv.zeros)])
-                qb = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-                kb = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-                vb = torch.randn_like(kb)  # separate tensors (one for both halves SDPA's reads from HBM)
-                t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)])
-                rows.append(dict(sym=sym, L=L, B=B, new_ms=t_new, new_splits=best_new[1], shipped_ms=t_ship,
-                                 sdpa_ms=t_sdpa, new_vs_shipped=t_ship / t_new, new_vs_sdpa=t_sdpa / t_new,
-                                 shipped_vs_sdpa=t_sdpa / t_ship))
-                print(rows[-1], flush=True)
+    for sym, L, B in DECODE_POINTS:
+        q8, qs, qk, qv = _case(B, L, sym, "cuda", seed=L + B)
+        vt = to_key_blocks(qv.packed, 128)
+        sm = 1 / math.sqrt(128)
+        best_new = None
+        for splits in (4, 8, 16, 32, 64):
+            if L // 128 < splits:
+                continue
+            f = lambda s=splits: decode_vt(q8, qs, qk.packed, qk.scales, vt, qv.scales, sm,  # noqa: E731
+                                           qk.zeros, qv.zeros, splits=s)
+            t = bench_graph([f], warmup=5, rep=20)
+            if best_new is None or t < best_new[0]:
+                best_new = (t, splits, f)
+        t_new = bench_graph([best_new[2]])
+        t_ship = bench_graph([lambda: kv4_attention_triton(q8, qs, qk.packed, qk.scales, qv.packed, qv.scales,
+                                                           sm, True, k_zero=qk.zeros, v_zero=qv.zeros)])
+        qb = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        kb = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+        vb = torch.randn_like(kb)  # separate tensors (one for both halves SDPA's reads from HBM)
+        t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)])
+        rows.append(dict(sym=sym, L=L, B=B, new_ms=t_new, new_splits=best_new[1], shipped_ms=t_ship,
+                         sdpa_ms=t_sdpa, new_vs_shipped=t_ship / t_new, new_vs_sdpa=t_sdpa / t_new,
+                         shipped_vs_sdpa=t_sdpa / t_ship))
+        print(rows[-1], flush=True)
     summary = {f"{k}{'' if s else '_asym'}": geomean([r[k] for r in rows if r["sym"] == s])
                for k in ("new_vs_shipped", "new_vs_sdpa", "shipped_vs_sdpa") for s in (True, False)}
     print(table(rows, ["sym", "L", "B", "new_ms", "new_splits", "shipped_ms", "sdpa_ms", "new_vs_shipped",
