@@ -70,7 +70,11 @@ DECODE_QK_F16 = True
 # the unstaged kernel (decode) loads each tile's per-token scales and zero points one iteration early:
 # asymmetric caches 1.61 -> 1.78x SDPA, symmetric 1.74 -> 1.76x on the H200 (attn-decode-prefetch-diag-h200.json)
 UNSTAGED_PREFETCH = True
-DECODE_PROGRAMS = 512  # the decode default's program count target (four 2-warp programs an SM on an H100)
+# decode default: one-warp programs of 16 rows x 64 keys (a warp holds whole key tiles: its softmax needs no
+# cross-warp exchange; 255 registers, eight programs an SM), split along the keys until the grid has about
+# DECODE_PROGRAMS programs (one wave on 132 SMs). H200: 1.87 -> 1.97x SDPA (asymmetric 1.78 -> 1.89x) over the
+# 2-warp 128-key programs at 512 (attn-decode-w1-diag-h200.json, attn-decode-w1b-diag-h200.json)
+DECODE_BN, DECODE_WARPS, DECODE_PROGRAMS = 64, 1, 1024
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
 BIAS_MMA = True
@@ -753,9 +757,10 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
     checked here: <= Lq and <= Lk); its query i sits at position seqlens_k[b] - seqlens_q[b] + i.
     Padded query rows come back as zeros.
 
-    Defaults (H100, benchmarks/results/attn-diag-h100.json): prefill blocks of 64 query rows x 128 keys,
-    4 warps, 3 stages; decode 16 rows x 256 keys, 4 warps, 3 stages, split along the keys until the
-    grid has about two waves (at most 32 splits).
+    Defaults: prefill blocks of 64 query rows x 128 keys, 4 warps, 3 stages (H100,
+    benchmarks/results/attn-diag-h100.json); decode with long caches one-warp programs of 16 rows x 64 keys,
+    3 stages, split along the keys to about DECODE_PROGRAMS programs (H200); otherwise (few keys) 16 rows x
+    256 keys, 4 warps, 3 stages, split until the grid has about two waves (at most 32 splits).
 
     pv_fp8: P.V as an FP8 MMA (needs one scale a token; slower on the H100 with this cache layout, see
     the module docstring). out: where to write (B, Hq, Lq, D) in out_dtype, any strides with the last dim
@@ -825,12 +830,10 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         bn = block_n or (64 if d > 128 else 256 if bm <= 16 else 128)
         blocks = triton.cdiv(rows, bm) * bsz * hkv
         if (block_n is None and num_warps is None and splits is None and bm <= 16 and d <= 128
-                and blocks * min(64, lk // 256) >= DECODE_PROGRAMS):
-            # decode with keys enough for DECODE_PROGRAMS programs of at least two 128-key tiles: 2-warp
-            # programs, several an SM (an H100 sweep: +4-16% over 16 x 256 keys / 4 warps, whose shape the
-            # few-long-sequence points keep; its JSON was lost with its session. H200, attention-h200.json: the
-            # fastest of bench_attention's decode candidates at 5 of 6 points, both cache formats)
-            bn, num_warps, splits = 128, 2, 1
+                and blocks * (lk // 256) >= DECODE_PROGRAMS // 2):
+            # decode with keys enough for half of DECODE_PROGRAMS programs of 256 keys or more (fewer keys,
+            # e.g. 8K x 1: 16 x 256-key programs of 4 warps stay faster, attn-decode-w1-diag-h200.json)
+            bn, num_warps, splits = DECODE_BN, DECODE_WARPS, 1
             while blocks * splits < DECODE_PROGRAMS:
                 splits *= 2
         num_warps = num_warps or 4

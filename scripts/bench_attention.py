@@ -34,7 +34,7 @@ from _bench_util import bench_graph, copies_for, env_info, geomean, table, write
 # prefill runs the staged kernel (kv4_attention_triton's default for long queries on the GPU; winners in
 # attn-staged-diag-h100.json)
 PREFILL_CFGS = ((64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2))
-# (splits, block_n); (None, None): the wrapper's own decode choice (2-warp programs where the keys allow)
+# (splits, block_n); (None, None): the wrapper's own decode choice (one-warp 64-key programs where the keys allow)
 ALIBI_PAIRS = 5  # ALiBi: bias / no-bias timings taken in alternation, medians
 DECODE_CFGS = ((None, None), (None, 256), (16, 256), (32, 256), (None, 128), (32, 128))
 

@@ -53,12 +53,24 @@ VARIANTS = {
     "n64w2r128": (64, 2, 3, 128, 1024),
     "n64w2r128p2k": (64, 2, 3, 128, 2048),
     "n64w2s4r128": (64, 2, 4, 128, 1024),
+    # one-warp programs: a warp holds whole key tiles, so the softmax needs no cross-warp exchange (no
+    # BAR.SYNC), and an SM holds eight (64 keys, 255 registers) or nine (32 keys, 222) of them
+    "n64w1p1k": (64, 1, 3, None, 1024),
+    "n64w1p2k": (64, 1, 3, None, 2048),
+    "n64w1s4p2k": (64, 1, 4, None, 2048),
+    "n32w1p2k": (32, 1, 3, None, 2048),
+    "n32w1s4p2k": (32, 1, 4, None, 2048),
+    "n64w1s2p1k": (64, 1, 2, None, 1024),
+    "n64w1p512": (64, 1, 3, None, 512),
+    "n64w1r224p1k": (64, 1, 3, 224, 1024),
+    "n64w1r200p1k": (64, 1, 3, 200, 1024),
+    "n64w1r168p1k": (64, 1, 3, 168, 1024),
 }
 
 
 def splits_for(blocks: int, lk: int, bn: int, programs: int) -> int:
     s = 1
-    while blocks * s < programs and lk >= 4 * s * bn and s < 128:
+    while blocks * s < programs and lk >= 4 * s * bn and s < 256:
         s *= 2
     return s
 

@@ -232,7 +232,7 @@ def setup():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("kernel", choices=["staged", "decode", "gemv", "swap"])
-    ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,128,2,3); "
+    ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,64,1,3); "
                                                   "gemv: BN,BK,warps,stages (default 8,2048,4,1); "
                                                   "swap: BM,BN,BK,warps,stages (default 16,64,128,4,4)")
     ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
@@ -242,7 +242,7 @@ def main():
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args()
     setup()
-    default = {"staged": "64,128,4,2", "decode": "16,128,2,3", "gemv": "8,2048,4,1",
+    default = {"staged": "64,128,4,2", "decode": "16,64,1,3", "gemv": "8,2048,4,1",
                "swap": "16,64,128,4,4"}[args.kernel]
     cfg = tuple(int(x) for x in (args.cfg or default).split(","))
     if args.kernel == "staged":

@@ -99,7 +99,7 @@ def test_decode_split_kv(splits):
 
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False)])
 def test_decode_default_program_shape(spec, monkeypatch):
-    # the wrapper's own decode choice (2-warp programs, 128-key tiles, splits up to DECODE_PROGRAMS), reached
+    # the wrapper's own decode choice (one-warp programs, 64-key tiles, splits up to DECODE_PROGRAMS), reached
     # at a small size by lowering the program target; a ragged last tile (600 keys)
     import fireq_kernels.attention_kv4 as ak
 
