@@ -42,6 +42,8 @@ VARIANTS = {
     "n64w2s4p1k": (64, 2, 4, None, 1024),
     "n256w2": (256, 2, 3, None, 512),
     "shipped_noprefetch": None,
+    "shipped_qkf8": None,
+    "shipped_notma": None,
     "n64w2r128_noprefetch": (64, 2, 3, 128, 1024),
     "n128w4r128_noprefetch": (128, 4, 3, 128, 512),
     "n128w2r168": (128, 2, 3, 168, 512),
@@ -76,7 +78,8 @@ def splits_for(blocks: int, lk: int, bn: int, programs: int) -> int:
 
 
 # name suffixes that run a variant with a module switch of attention_kv4 changed
-FLAGS = {"_noprefetch": ("UNSTAGED_PREFETCH", False), "_symtma": ("UNSTAGED_TMA_SYM", True)}
+FLAGS = {"_noprefetch": ("UNSTAGED_PREFETCH", False), "_symtma": ("UNSTAGED_TMA_SYM", True),
+         "_qkf8": ("DECODE_QK_F16", False), "_notma": ("UNSTAGED_TMA", False)}
 
 
 def call(variant, q8, qs, qk, qv, sm, B, L):

@@ -152,12 +152,14 @@ def decode(bm, bn, warps, stages, splits=8, L=131072, B=8, tma=None):
     if tma is None:
         tma = A.UNSTAGED_TMA and A.UNSTAGED_TMA_SYM
     kd = TensorDescriptor(k, [B * hkv, L, d // 2], [L * d // 2, d // 2, 1], [1, bn, d // 2]) if tma else k
-    args = (q8, qs, kd, ks, ks, kd, ks, ks, qs, qs, part, lse, qs, qs, 1, L, 0.1, 0,
+    kz = torch.empty(B, hkv, L, 1, dtype=torch.uint8)  # zero points (asymmetric: DIAG_K_SYM=0)
+    args = (q8, qs, kd, ks, kz, kd, ks, kz, qs, qs, part, lse, qs, qs, 1, L, 0.1, 0,
             *q8.stride()[:3], qs.stride(0), qs.stride(1), *k.stride()[:3], *ks.stride()[:3],
             0, 0, 0, 0, 0, 0, *part.stride()[:4])
     kw = dict(HQ=hq, HKV=hkv, D=d, G=d, R=16, SYM=True, HAS_BIAS=False, CAUSAL=True, SPLITS=splits, RT=0, BM=bm,
               BN=bn, HAS_LENS=False, ASM=use_asm(), PV_FP8=False, EXACT_ROUND=False, TMA=tma,
               QK_F16=A.DECODE_QK_F16, PREFETCH=A.UNSTAGED_PREFETCH, num_warps=warps, num_stages=stages)
+    kw.update({k[7:]: int(v) for k, v in os.environ.items() if k.startswith("DIAG_K_")})
     return A._attn_fwd.warmup(*args, grid=(1,), **kw)
 
 
