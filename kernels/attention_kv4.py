@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .gemm_w4a8 import _round_to_fp8_grid
-from .int4cvt import RAW_HI_SIGNED, RAW_LO_SIGNED, nibbles_f16, nibbles_f16_raw, nibbles_fp8, use_asm
+from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 # staged prefill defaults (H100: benchmarks/results/attn-staged-diag-h100.json)
@@ -67,11 +67,6 @@ UNSTAGED_TMA_SYM = True
 # to FP8; the same products, exact either way): +1-9% at decode in an H100 sweep (scripts/diag_decode_attn.py)
 # whose JSON was lost with its session; on by default in the H200 run of attention-h200.json
 DECODE_QK_F16 = True
-# decode (symmetric cache, one scale a token, DECODE_QK_F16): the key codes converted with their fp16 offsets
-# kept (nibbles_f16_raw: no subtract), the offsets' product with the query taken out of the scores after the
-# MMA (one subtract a score); sm_90 SASS of the key loop: 1106 -> 1031 instructions (asymmetric caches would
-# need the zero point times the query's sum a score too: more instructions there, and spills)
-DECODE_RAW_K = True
 # the unstaged kernel (decode) loads each tile's per-token scales and zero points one iteration early:
 # asymmetric caches 1.61 -> 1.78x SDPA, symmetric 1.74 -> 1.76x on the H200 (attn-decode-prefetch-diag-h200.json)
 UNSTAGED_PREFETCH = True
@@ -271,7 +266,7 @@ def _attn_fwd(
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, QK_F16: tl.constexpr, PREFETCH: tl.constexpr,
-    RAW_K: tl.constexpr = False,
+    HOIST_Q: tl.constexpr = False,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -298,12 +293,9 @@ def _attn_fwd(
         qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
         q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
         q_b = tl.load(qrow0 + G // 2, mask=row_ok[:, None], other=0.0)
-        if RAW_K:  # (symmetric) the key codes' offsets (RAW_LO, 16 x on the high nibbles) come out once a row
-            sa = tl.sum(q_a.to(tl.float32), axis=1)  # (exact: FP8 values are multiples of 2^-9 below 448)
-            sb = tl.sum(q_b.to(tl.float32), axis=1)
-            k_off = sa * RAW_LO_SIGNED + sb * (RAW_HI_SIGNED / 16.0)
+        if QK_F16 and HOIST_Q:
             q_a = q_a.to(tl.float16)
-            q_b = q_b.to(tl.float16) * 0.0625  # exact in fp16 (FP8's smallest subnormal is 2^-9)
+            q_b = q_b.to(tl.float16)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc_a = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha (low nibbles)
@@ -366,10 +358,6 @@ def _attn_fwd(
                     ka, kb = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
                     sg = tl.dot(qa, tl.trans(ka))
                     sg = tl.dot(qb, tl.trans(kb), sg)
-                elif RAW_K:  # fp16 products on the codes with their offsets kept, taken out after the MMA
-                    ka, kb = nibbles_f16_raw(kc, True, ASM)
-                    sg = tl.dot(qa, tl.trans(ka))
-                    sg = tl.dot(qb, tl.trans(kb), sg) - k_off[:, None]
                 else:  # groups of 32 (or QK_F16): fp16 products (FP8 values are exact in fp16)
                     ka, kb = nibbles_f16(kc, kz, SYM, not SYM, ASM)
                     sg = tl.dot(qa.to(tl.float16), tl.trans(ka))
@@ -951,9 +939,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         *so,
         HQ=hq, HKV=hkv, D=d, G=g, R=r, SYM=sym, HAS_BIAS=has_bias, CAUSAL=causal, SPLITS=splits, RT=rt, BM=bm, BN=bn,
         HAS_LENS=has_lens, ASM=use_asm(), PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma,
-        QK_F16=DECODE_QK_F16 and bm <= 16, PREFETCH=UNSTAGED_PREFETCH,
-        RAW_K=DECODE_RAW_K and DECODE_QK_F16 and bm <= 16 and g == d and sym, num_warps=num_warps,
-        num_stages=num_stages,
+        QK_F16=DECODE_QK_F16 and bm <= 16, PREFETCH=UNSTAGED_PREFETCH, num_warps=num_warps, num_stages=num_stages,
         **({} if max_regs is None else dict(maxnreg=max_regs)),
     )
     if splits == 1:

@@ -87,30 +87,12 @@ def _f16_asm(signed: bool, zero: bool) -> str:
             "mov.b32 $0, a01;\nmov.b32 $1, a23;\nmov.b32 $2, c01;\nmov.b32 $3, c23;\n}")
 
 
-def _f16_raw_asm(signed: bool) -> str:
-    """PTX leaving the nibbles in FP16 with their offsets kept (see nibbles_f16_raw)."""
-    lut = _LUT_AND_XOR if signed else _LUT_AND_OR
-    c_lo = "0x64086408" if signed else "0x64006400"
-    c_hi = "0x64806480" if signed else "0x64006400"
-    return ("{\n.reg .b32 p01, p23;\n" + _spread("$4") +
-            f"lop3.b32 $0, p01, 0x000F000F, {c_lo}, {lut};\n"
-            f"lop3.b32 $1, p23, 0x000F000F, {c_lo}, {lut};\n"
-            f"lop3.b32 $2, p01, 0x00F000F0, {c_hi}, {lut};\n"
-            f"lop3.b32 $3, p23, 0x00F000F0, {c_hi}, {lut};\n}}")
-
-
 FP8_SIGNED = tl.constexpr(_fp8_asm(True, False))
 FP8_UNSIGNED = tl.constexpr(_fp8_asm(False, False))
 FP8_ZERO = tl.constexpr(_fp8_asm(False, True))
 F16_SIGNED = tl.constexpr(_f16_asm(True, False))
 F16_UNSIGNED = tl.constexpr(_f16_asm(False, False))
 F16_ZERO = tl.constexpr(_f16_asm(False, True))
-F16_RAW_SIGNED = tl.constexpr(_f16_raw_asm(True))
-F16_RAW_UNSIGNED = tl.constexpr(_f16_raw_asm(False))
-# nibbles_f16_raw's offsets: low = value + RAW_LO, high = 16 * value + RAW_HI (two's complement codes: n + 8
-# is what the LOP3 leaves; unsigned codes: the code itself, the zero point not subtracted)
-RAW_LO_SIGNED, RAW_HI_SIGNED = tl.constexpr(1032.0), tl.constexpr(1152.0)
-RAW_LO_UNSIGNED, RAW_HI_UNSIGNED = tl.constexpr(1024.0), tl.constexpr(1024.0)
 
 
 @triton.jit
@@ -172,23 +154,3 @@ def use_asm() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("FIREQ_CVT_ASM", "1") != "0"
-
-
-@triton.jit
-def nibbles_f16_raw(codes, SIGNED: tl.constexpr, ASM: tl.constexpr):
-    """As nibbles_f16 without the last step: (low, high) float16 tensors holding value + RAW_LO and
-    16 * value + RAW_HI (RAW_*_SIGNED or RAW_*_UNSIGNED; unsigned codes as stored, zero point not
-    subtracted), exact (1024..1279). Half the instructions of nibbles_f16 (the byte permute and one LOP3 a
-    value pair): for a product whose offsets are taken out once afterwards (sum_c q_c (x_c + o) = q.x + o sum q)."""
-    if ASM:
-        if SIGNED:
-            lo, hi = tl.inline_asm_elementwise(F16_RAW_SIGNED, "=r,=r,=r,=r,r", [codes],
-                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(F16_RAW_UNSIGNED, "=r,=r,=r,=r,r", [codes],
-                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        return lo, hi
-    lo, hi = _values(codes, codes, SIGNED, False)
-    if SIGNED:
-        return (lo.to(tl.float32) + RAW_LO_SIGNED).to(tl.float16), (hi.to(tl.float32) * 16.0 + RAW_HI_SIGNED).to(tl.float16)
-    return (lo.to(tl.float32) + RAW_LO_UNSIGNED).to(tl.float16), (hi.to(tl.float32) * 16.0 + RAW_HI_UNSIGNED).to(tl.float16)

@@ -44,7 +44,6 @@ VARIANTS = {
     "shipped_noprefetch": None,
     "shipped_qkf8": None,
     "shipped_notma": None,
-    "shipped_norawk": None,
     "n64w2r128_noprefetch": (64, 2, 3, 128, 1024),
     "n128w4r128_noprefetch": (128, 4, 3, 128, 512),
     "n128w2r168": (128, 2, 3, 168, 512),
@@ -80,7 +79,7 @@ def splits_for(blocks: int, lk: int, bn: int, programs: int) -> int:
 
 # name suffixes that run a variant with a module switch of attention_kv4 changed
 FLAGS = {"_noprefetch": ("UNSTAGED_PREFETCH", False), "_symtma": ("UNSTAGED_TMA_SYM", True),
-         "_qkf8": ("DECODE_QK_F16", False), "_notma": ("UNSTAGED_TMA", False), "_norawk": ("DECODE_RAW_K", False)}
+         "_qkf8": ("DECODE_QK_F16", False), "_notma": ("UNSTAGED_TMA", False)}
 
 
 def call(variant, q8, qs, qk, qv, sm, B, L):

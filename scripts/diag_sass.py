@@ -158,8 +158,7 @@ def decode(bm, bn, warps, stages, splits=8, L=131072, B=8, tma=None):
             0, 0, 0, 0, 0, 0, *part.stride()[:4])
     kw = dict(HQ=hq, HKV=hkv, D=d, G=d, R=16, SYM=True, HAS_BIAS=False, CAUSAL=True, SPLITS=splits, RT=0, BM=bm,
               BN=bn, HAS_LENS=False, ASM=use_asm(), PV_FP8=False, EXACT_ROUND=False, TMA=tma,
-              QK_F16=A.DECODE_QK_F16, PREFETCH=A.UNSTAGED_PREFETCH, RAW_K=A.DECODE_RAW_K and A.DECODE_QK_F16 and os.environ.get("DIAG_K_SYM", "1") == "1",
-              num_warps=warps, num_stages=stages)
+              QK_F16=A.DECODE_QK_F16, PREFETCH=A.UNSTAGED_PREFETCH, num_warps=warps, num_stages=stages)
     kw.update({k[7:]: int(v) for k, v in os.environ.items() if k.startswith("DIAG_K_")})
     return A._attn_fwd.warmup(*args, grid=(1,), **kw)
 

@@ -136,33 +136,6 @@ def test_scale_prefetch_is_bit_identical(spec, staged, bias_r, monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("positive_q", [False, True])
-def test_decode_raw_key_offsets(positive_q, monkeypatch):
-    # DECODE_RAW_K (symmetric decode): the key codes keep their fp16 offsets through the MMA and the offsets'
-    # product with the query comes out of the scores afterwards; as accurate against float64 as the plain
-    # conversion, also with an all-positive query (the offset term then adds up instead of cancelling)
-    import fireq_kernels.attention_kv4 as ak
-
-    d = 64 if GPU else 32
-    spec = KVSpec()
-    q8, qs, qk, qv, _, _ = _case(2, 8, 2, 1, 300, d, spec, seed=7 + positive_q)
-    if positive_q:
-        q8 = (q8.float().abs() + 1).to(torch.float8_e4m3fn)
-    scale = 1 / math.sqrt(d)
-    ref = kv4_attention_ref(q8.double() * qs.double(), dequantize_kv(qk, d, spec, torch.float64),
-                            dequantize_kv(qv, d, spec, torch.float64), scale, _mask(1, 300, True, 0), None, None,
-                            acc_dtype=torch.float64)
-    errs = []
-    for on in (True, False):
-        monkeypatch.setattr(ak, "DECODE_RAW_K", on)
-        got = kv4_attention_triton(q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV),
-                                   qv.packed.to(DEV), qv.scales.to(DEV), scale, True, out_dtype=torch.float32,
-                                   splits=3, block_m=16, block_n=16 if not GPU else 64).cpu()
-        assert torch.isfinite(got).all()
-        errs.append(((got.double() - ref).norm() / ref.norm()).item())
-    assert errs[0] <= 1.25 * errs[1] + 1e-6, errs
-
-
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(scale_dtype="bf16")])
 @pytest.mark.parametrize("lq,lk,causal,window,splits", [(24, 24, True, 0, 1), (17, 30, False, 0, 1),
                                                        (20, 20, True, 7, 1), (1, 50, True, 0, 3), (3, 41, True, 0, 2)])

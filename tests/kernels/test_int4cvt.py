@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fireq_kernels.int4cvt import (RAW_HI_SIGNED, RAW_HI_UNSIGNED, RAW_LO_SIGNED, RAW_LO_UNSIGNED, nibbles_f16,
-                                   nibbles_f16_raw, nibbles_fp8, use_asm)
+from fireq_kernels.int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 DEV = "cuda" if GPU else "cpu"
@@ -64,26 +63,3 @@ def test_every_byte(fp8, mode):
     elo, ehi = _expected(codes, zero, signed, has_zero)
     torch.testing.assert_close(lo.cpu(), elo, rtol=0, atol=0)
     torch.testing.assert_close(hi.cpu(), ehi, rtol=0, atol=0)
-
-
-@triton.jit
-def _raw_kernel(c_ptr, lo_ptr, hi_ptr, R: tl.constexpr, C: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.constexpr):
-    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    lo, hi = nibbles_f16_raw(tl.load(c_ptr + offs), SIGNED, ASM)
-    tl.store(lo_ptr + offs, lo.to(tl.float32))
-    tl.store(hi_ptr + offs, hi.to(tl.float32))
-
-
-@pytest.mark.parametrize("signed", [True, False])
-def test_raw_offsets_every_byte(signed):
-    # nibbles_f16_raw: value + RAW_LO (low nibble), 16 * value + RAW_HI (high), exact, zero point not applied
-    r, c = 16, 64
-    codes = torch.randperm(r * c, generator=torch.Generator().manual_seed(int(signed))).remainder(256)
-    codes = codes.to(torch.uint8).reshape(r, c)
-    lo = torch.empty(r, c, device=DEV)
-    hi = torch.empty(r, c, device=DEV)
-    _raw_kernel[(1,)](codes.to(DEV), lo, hi, R=r, C=c, SIGNED=signed, ASM=use_asm())
-    elo, ehi = _expected(codes, codes, signed, False)
-    off_lo, off_hi = (RAW_LO_SIGNED, RAW_HI_SIGNED) if signed else (RAW_LO_UNSIGNED, RAW_HI_UNSIGNED)
-    torch.testing.assert_close(lo.cpu(), elo + off_lo.value, rtol=0, atol=0)
-    torch.testing.assert_close(hi.cpu(), 16 * ehi + off_hi.value, rtol=0, atol=0)
