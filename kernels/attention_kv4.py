@@ -266,7 +266,6 @@ def _attn_fwd(
     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, SPLITS: tl.constexpr, RT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HAS_LENS: tl.constexpr, ASM: tl.constexpr, PV_FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr, TMA: tl.constexpr, QK_F16: tl.constexpr, PREFETCH: tl.constexpr,
-    HOIST_Q: tl.constexpr = False,
 ):
     REP: tl.constexpr = HQ // HKV
     NG: tl.constexpr = D // G
@@ -293,9 +292,6 @@ def _attn_fwd(
         qrow0 = q_ptr + b * s_qb + hq[:, None] * s_qh + qpos[:, None] * s_ql + offs_gh[None, :]
         q_a = tl.load(qrow0, mask=row_ok[:, None], other=0.0)
         q_b = tl.load(qrow0 + G // 2, mask=row_ok[:, None], other=0.0)
-        if QK_F16 and HOIST_Q:
-            q_a = q_a.to(tl.float16)
-            q_b = q_b.to(tl.float16)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc_a = tl.zeros((BM, D // 2), dtype=tl.float32)  # channels cha (low nibbles)
