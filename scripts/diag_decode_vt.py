@@ -134,8 +134,9 @@ def sass_report():
               f"IMAD.MOV.U32 {whole.get('IMAD.MOV.U32', 0)}")
 
 
-def bench(path):
-    """GPU: the key-blocked kernel, the shipped one and SDPA over a BF16 cache at bench_attention's points."""
+def bench(path, bn=128, warps=2):
+    """GPU: the key-blocked kernel (bn-key tiles, warps a program), the shipped one and SDPA over a BF16 cache at
+    bench_attention's points."""
     import torch.nn.functional as F
 
     from _bench_util import DECODE_POINTS, bench_graph, env_info, geomean, table, write_json
@@ -145,14 +146,14 @@ def bench(path):
     rows = []
     for sym, L, B in DECODE_POINTS:
         q8, qs, qk, qv = _case(B, L, sym, "cuda", seed=L + B)
-        vt = to_key_blocks(qv.packed, 128)
+        vt = to_key_blocks(qv.packed, bn)
         sm = 1 / math.sqrt(128)
         best_new = None
-        for splits in (4, 8, 16, 32, 64):
-            if L // 128 < splits:
+        for splits in (4, 8, 16, 32, 64) if warps > 1 else (16, 32, 64, 128):
+            if L // bn < splits:
                 continue
             f = lambda s=splits: decode_vt(q8, qs, qk.packed, qk.scales, vt, qv.scales, sm,  # noqa: E731
-                                           qk.zeros, qv.zeros, splits=s)
+                                           qk.zeros, qv.zeros, splits=s, block_n=bn, num_warps=warps)
             t = bench_graph([f], warmup=5, rep=20)
             if best_new is None or t < best_new[0]:
                 best_new = (t, splits, f)
@@ -172,7 +173,7 @@ def bench(path):
     print(table(rows, ["sym", "L", "B", "new_ms", "new_splits", "shipped_ms", "sdpa_ms", "new_vs_shipped",
                        "new_vs_sdpa"]))
     print(summary)
-    write_json(path, dict(env=env, rows=rows, summary=summary))
+    write_json(path, dict(env=env, rows=rows, summary=summary, block_n=bn, num_warps=warps))
 
 
 def main():
@@ -180,13 +181,15 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--bn", type=int, default=128, help="--json: keys a tile (and a V block)")
+    ap.add_argument("--warps", type=int, default=2, help="--json: warps a program (1: the shipped decode's shape)")
     args = ap.parse_args()
     if args.sass:
         sass_report()
         return
     from _bench_util import check_then_bench
 
-    check_then_bench(args, check, bench)
+    check_then_bench(args, check, lambda path: bench(path, args.bn, args.warps))
 
 
 if __name__ == "__main__":
