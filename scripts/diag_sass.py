@@ -6,6 +6,7 @@ For checking a kernel change (spills, layout conversions, byte loads) before spe
     python scripts/diag_sass.py staged --cfg 64,128,4,2
     python scripts/diag_sass.py staged --cfg 64,128,4,2 --bias
     python scripts/diag_sass.py decode --dump /tmp/decode      # also writes .ttgir, .ptx, .sass there
+    DIAG_K_SYM=0 python scripts/diag_sass.py decode            # DIAG_K_<NAME>: a decode constexpr overridden
     python scripts/diag_sass.py gemv --cfg 8,2048,4,1
     python scripts/diag_sass.py swap --prefetch 1                # the GEMM's tiled (SWAP) schedule at M = 16
 
@@ -133,6 +134,12 @@ def staged(bm, bn, warps, stages, bias=False, ks_tma=True, S=8192):
     return A._attn_fwd_staged.warmup(*args, grid=(1,), **kw)
 
 
+def _constexpr_overrides() -> dict:
+    """DIAG_K_<NAME>=<int> in the environment: the decode kernel's constexpr NAME set to that value (e.g.
+    DIAG_K_SYM=0 compiles the asymmetric kernel), for comparing variants without editing the script."""
+    return {name[len("DIAG_K_"):]: int(value) for name, value in os.environ.items() if name.startswith("DIAG_K_")}
+
+
 def decode(bm, bn, warps, stages, splits=8, L=131072, B=8, tma=None):
     """_attn_fwd as kv4_attention_triton's decode default launches it: 32 query / 8 KV heads, d = 128, one
     query, symmetric INT4 cache with FP8 scales, split along the keys; the code tiles by descriptors as the
@@ -159,7 +166,7 @@ def decode(bm, bn, warps, stages, splits=8, L=131072, B=8, tma=None):
     kw = dict(HQ=hq, HKV=hkv, D=d, G=d, R=16, SYM=True, HAS_BIAS=False, CAUSAL=True, SPLITS=splits, RT=0, BM=bm,
               BN=bn, HAS_LENS=False, ASM=use_asm(), PV_FP8=False, EXACT_ROUND=False, TMA=tma,
               QK_F16=A.DECODE_QK_F16, PREFETCH=A.UNSTAGED_PREFETCH, num_warps=warps, num_stages=stages)
-    kw.update({k[7:]: int(v) for k, v in os.environ.items() if k.startswith("DIAG_K_")})
+    kw.update(_constexpr_overrides())
     return A._attn_fwd.warmup(*args, grid=(1,), **kw)
 
 
