@@ -20,6 +20,8 @@ Schedules:
   tile sums in split order (deterministic, one launch).
 - plain: (BM, BN) output tiles, the weights as the shared-memory operand (slower on the H100; kept for
   the checkpoint layout and as a tuning candidate).
+- UNROLL (config, default 1): the K loop unrolled, UNROLL tiles (and their asynchronous copies) an
+  iteration; used only where a split's tile count is a multiple of it.
 - persistent (config PERSIST = programs an SM, SPLIT_K 1): a grid of PERSIST x SMs programs that walk the
   output tiles in the grouped order; a tuning candidate at large M.
 
@@ -84,6 +86,10 @@ def _gemm_configs(m: int, n: int, k: int, group: int) -> list[dict]:
                     for st in (3, 4):
                         out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8, num_warps=4,
                                         num_stages=st))
+                    if (k // bk_max) % (2 * split) == 0:  # two K tiles an iteration (the H200's winners at
+                        # N = 28672 and K = 14336: benchmarks/results/gemm-unroll-diag-h200.json)
+                        out.append(dict(SWAP=True, BM=bm, BN=bn, BK=bk_max, SPLIT_K=split, GROUP_M=8, num_warps=4,
+                                        num_stages=3, UNROLL=2))
     else:
         for swap, bm, bn, warps in ((True, 128, 64, 4), (True, 128, 128, 8), (False, 128, 128, 8),
                                     (True, 256, 128, 8), (True, 64, 128, 4), (True, 256, 64, 8)):
@@ -207,7 +213,7 @@ def _w4a8_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    PERSIST: tl.constexpr, TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
+    PERSIST: tl.constexpr, TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -220,12 +226,12 @@ def _w4a8_gemm_kernel(
             _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K,
                 inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, GROUP, PER_CHANNEL,
                 HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16, FUSED_SPLITK, HALF, ASM,
-                EPI, HAS_RES, TMA, SCALE_PREFETCH)
+                EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL)
     else:
         _gemm_tile(tl.program_id(0), tl.program_id(1), x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
             cnt_ptr, r_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
             GROUP, PER_CHANNEL, HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16,
-            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH)
+            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL)
 
 
 @triton.jit
@@ -237,7 +243,7 @@ def _gemm_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
+    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel. TMA (kernel layout only): x_ptr and
     w_ptr are tensor descriptors with blocks (BM, BK/2) and (BN, BK/2); zeros past M, N and K.
@@ -277,7 +283,7 @@ def _gemm_tile(
     if PREFETCH:  # (the tile index as a vector: the interpreter takes no scalar in a load's mask)
         tv = t0 + 0 * offs_n
         sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, loop_unroll_factor=UNROLL):
         k0 = t * BK
         if PREFETCH:
             sg_t = sg_n
@@ -665,6 +671,8 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
     if m == 0:
         return torch.empty((0, n_out), dtype=out_dtype, device=xq.device)
+    if triton.cdiv(k, cfg["BK"]) % (split * cfg.get("UNROLL", 1)):
+        cfg = dict(cfg, UNROLL=1)  # unrolled loops only over whole multiples of UNROLL tiles a split
     tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     persist = 0
     if cfg.get("PERSIST") and split == 1:  # persistent: PERSIST programs an SM walk the tiles
@@ -694,7 +702,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
         ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, TMA=tma,
-        SCALE_PREFETCH=GEMM_SCALE_PREFETCH, num_warps=cfg["num_warps"],
+        SCALE_PREFETCH=GEMM_SCALE_PREFETCH, UNROLL=cfg.get("UNROLL", 1), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out

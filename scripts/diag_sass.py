@@ -207,7 +207,8 @@ def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, pr
     kw = dict(GROUP=group, PER_CHANNEL=False, HAS_BIAS=False, BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8,
               SWAP=True, UNPACK_DUP=False, PRECISE_ACC=None, DEQ16=False, FUSED_SPLITK=split > 1, HALF=True,
               ASM=use_asm(), EPI=0, HAS_RES=False, PERSIST=0, TMA=False,
-              SCALE_PREFETCH=G.GEMM_SCALE_PREFETCH if prefetch is None else prefetch, num_warps=warps,
+              SCALE_PREFETCH=G.GEMM_SCALE_PREFETCH if prefetch is None else prefetch,
+              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), num_warps=warps,
               num_stages=stages)
     return G._w4a8_gemm_kernel.warmup(*args, grid=(1,), **kw)
 

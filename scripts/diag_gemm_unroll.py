@@ -1,0 +1,146 @@
+"""Decode GEMM (M <= 16): the tiled SWAP schedule with its K loop unrolled (config UNROLL), against the tuned
+configs, with cuBLAS BF16 and FP8 in the same run.
+
+Why: the sm_90 SASS of the SWAP loop (scripts/diag_sass.py swap) is about 270 instructions an iteration for
+64 weights a thread, half of it per-iteration bookkeeping (pipeline indices, predicates, addresses, the
+group-scale load); at decode the 28672 x 4096 call issues about as many instructions as the SMs can issue in
+the time of its read. Unrolling by U puts U K tiles (and U asynchronous copies) in one iteration.
+
+    python scripts/diag_gemm_unroll.py --check          # CPU (interpreter) or GPU: unrolled == plain
+    python scripts/diag_gemm_unroll.py --json FILE      # GPU: the sweep
+
+Llama-3-8B shapes, M in {1, 4, 16}, weights rotated past L2, CUDA-graph timing. For each point: the tuned
+config, then the best SWAP config (BN, split, stages) for each UNROLL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+MS = (1, 4, 16)
+UNROLLS = (1, 2, 4)
+
+
+def _gemm(xq, xs, w, qw, cfg, lb=128):
+    from fireq_kernels.gemm_w4a8 import w4a8_gemm_triton
+
+    return w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
+                            config=cfg, layout_block=lb)
+
+
+def sweep(k: int, small: bool = False) -> list[dict]:
+    """SWAP configs for M <= 16 with every UNROLL whose tiles a split holds whole."""
+    out = []
+    for bn, split, st, u in itertools.product((32,) if small else (64, 128), (1, 2, 4, 8), (2,) if small else (3, 4),
+                                             UNROLLS):
+        tiles = k // 128
+        if tiles % split or (tiles // split) % u or tiles // split < u:
+            continue
+        out.append(dict(SWAP=True, BM=16, BN=bn, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4, num_stages=st,
+                        UNROLL=u))
+    return out
+
+
+def check(dev):
+    from fireq.formats.int4 import quantize_int4
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
+
+    small = dev == "cpu"
+    for m, n, k in ((3, 64, 1024), (16, 96, 512)) if small else ((4, 4096, 4096), (16, 6144, 4096)):
+        g = torch.Generator().manual_seed(m + n)
+        qw = quantize_int4(torch.randn(n, k, generator=g) * 0.02, 128)
+        w = repack_half(qw.qweight, k, 128).to(dev)
+        xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
+        qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
+        cfgs = sweep(k, small)
+        if small:
+            cfgs = [c for c in cfgs if c["SPLIT_K"] in (1, 2)]
+        base = {}
+        for cfg in cfgs:
+            y = _gemm(xq, xs, w, qwt, cfg).float()
+            key = cfg["SPLIT_K"]
+            if key not in base:
+                base[key] = y
+            assert torch.equal(y, base[key]), (cfg, (y - base[key]).abs().max().item())
+        print(f"M={m} N={n} K={k}: {len(cfgs)} configs, each UNROLL bit-identical to UNROLL=1 at its split")
+
+
+def bench(path):
+    from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
+    from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
+
+    print(f"tuned configs loaded: {load_tuned()}", flush=True)
+    env = env_info()
+    rows = []
+    for n, k in SHAPES:
+        wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
+        kern = [repack_half(q, k, 128) for q, _, _ in wsets]
+        nb = copies_for(n * k * 2, env.get("l2_bytes"), max_sets=4)
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+        w8 = [t.to(torch.float8_e4m3fn) for t in wb]
+        one = torch.ones((), device="cuda")
+        for m in MS:
+            nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
+            xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
+            sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
+
+            def timed(cfg):
+                return bench_graph([lambda x=x, w=w, q=q: _gemm(x[0], x[1], w, q, cfg) for x, w, q in sets]) * 1e3
+
+            xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x8 = torch.randn(max(16, m), k, device="cuda").to(torch.float8_e4m3fn)
+            t_bf16 = bench_graph([lambda w=w: torch.matmul(xb, w.t()) for w in wb]) * 1e3
+            t_fp8 = bench_graph([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16)
+                                 for w in w8]) * 1e3
+            tuned = pick_config(m, n, k, 128)
+            ref = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], tuned).float()
+            row = dict(N=n, K=k, M=m, bf16_us=t_bf16, fp8_us=t_fp8, tuned_us=timed(tuned), tuned_cfg=tuned)
+            allt = []
+            for cfg in sweep(k):
+                y = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], cfg).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                assert err < 1e-3, (cfg, err)
+                allt.append((timed(cfg), cfg))
+            for u in UNROLLS:
+                t, c = min((x for x in allt if x[1]["UNROLL"] == u), key=lambda x: x[0])
+                row[f"u{u}_us"], row[f"u{u}_cfg"] = t, c
+            best = min(row[f"u{u}_us"] for u in UNROLLS[1:])
+            row.update(gain_vs_u1=row["u1_us"] / best, gain_vs_tuned=row["tuned_us"] / min(best, row["u1_us"]),
+                       best_vs_bf16=t_bf16 / min(best, row["tuned_us"]), best_vs_fp8=t_fp8 / min(best, row["tuned_us"]),
+                       tuned_vs_fp8=t_fp8 / row["tuned_us"],
+                       sweep=[dict(us=t, **c) for t, c in allt])
+            rows.append(row)
+            print({kk: v for kk, v in row.items() if kk != "sweep"}, flush=True)
+        del wsets, kern, wb, w8
+        torch.cuda.empty_cache()
+    summary = {"gain_vs_u1": geomean([r["gain_vs_u1"] for r in rows]),
+               "gain_vs_tuned": geomean([r["gain_vs_tuned"] for r in rows]),
+               "tuned_vs_fp8": geomean([r["tuned_vs_fp8"] for r in rows]),
+               "best_vs_fp8": geomean([r["best_vs_fp8"] for r in rows]),
+               "best_vs_bf16": geomean([r["best_vs_bf16"] for r in rows])}
+    print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "tuned_us", "u1_us", "u2_us", "u4_us", "gain_vs_u1",
+                       "best_vs_fp8"]))
+    print(summary)
+    write_json(path, dict(env=env, rows=rows, summary=summary))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from _bench_util import check_then_bench
+
+    check_then_bench(args, check, bench)
+
+
+if __name__ == "__main__":
+    main()
