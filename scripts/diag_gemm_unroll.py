@@ -10,7 +10,10 @@ the time of its read. Unrolling by U puts U K tiles (and U asynchronous copies) 
     python scripts/diag_gemm_unroll.py --json FILE      # GPU: the sweep
 
 Llama-3-8B shapes, M in {1, 4, 16}, weights rotated past L2, CUDA-graph timing. For each point: the tuned
-config, then the best SWAP config (BN, split, stages) for each UNROLL.
+config, the best SWAP config (BN, split, stages) for each UNROLL, and the best of the whole sweep (best_us,
+sweep_gain_vs_tuned). --stages widens the pipeline depths swept (default 3,4):
+
+    python scripts/diag_gemm_unroll.py --json FILE --stages 3,4,6,8,10 --unrolls 1,2 --ms 1,16
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,16 +40,17 @@ def _gemm(xq, xs, w, qw, cfg, lb=128):
                             config=cfg, layout_block=lb)
 
 
-def sweep(k: int, small: bool = False) -> list[dict]:
-    """SWAP configs for M <= 16 with every UNROLL whose tiles a split holds whole."""
+def sweep(k: int, small: bool = False, stages=(3, 4), unrolls=UNROLLS, regpipe: bool = False) -> list[dict]:
+    """SWAP configs for M <= 16 with every UNROLL whose tiles a split holds whole (and no deeper pipeline than
+    a split has iterations)."""
     out = []
-    for bn, split, st, u in itertools.product((32,) if small else (64, 128), (1, 2, 4, 8), (2,) if small else (3, 4),
-                                             UNROLLS):
+    for bn, split, st, u in itertools.product((32,) if small else (64, 128), (1, 2, 4, 8), (2,) if small else stages,
+                                             unrolls):
         tiles = k // 128
-        if tiles % split or (tiles // split) % u or tiles // split < u:
+        if tiles % split or (tiles // split) % u or tiles // split < u or tiles // split // u < st - 1:
             continue
         out.append(dict(SWAP=True, BM=16, BN=bn, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4, num_stages=st,
-                        UNROLL=u))
+                        UNROLL=u, **(dict(REGPIPE=True) if regpipe else {})))
     return out
 
 
@@ -60,7 +65,7 @@ def check(dev):
         w = repack_half(qw.qweight, k, 128).to(dev)
         xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
         qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
-        cfgs = sweep(k, small)
+        cfgs = sweep(k, small) + sweep(k, small, stages=(1, 2), unrolls=(1,), regpipe=True)
         if small:
             cfgs = [c for c in cfgs if c["SPLIT_K"] in (1, 2)]
         base = {}
@@ -73,21 +78,21 @@ def check(dev):
         print(f"M={m} N={n} K={k}: {len(cfgs)} configs, each UNROLL bit-identical to UNROLL=1 at its split")
 
 
-def bench(path):
+def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, regpipe=False, shapes=SHAPES):
     from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
     from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
 
     print(f"tuned configs loaded: {load_tuned()}", flush=True)
     env = env_info()
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
         kern = [repack_half(q, k, 128) for q, _, _ in wsets]
         nb = copies_for(n * k * 2, env.get("l2_bytes"), max_sets=4)
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
         w8 = [t.to(torch.float8_e4m3fn) for t in wb]
         one = torch.ones((), device="cuda")
-        for m in MS:
+        for m in ms:
             nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
             xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
             sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
@@ -104,16 +109,26 @@ def bench(path):
             ref = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], tuned).float()
             row = dict(N=n, K=k, M=m, bf16_us=t_bf16, fp8_us=t_fp8, tuned_us=timed(tuned), tuned_cfg=tuned)
             allt = []
-            for cfg in sweep(k):
-                y = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], cfg).float()
+            for cfg in sweep(k, stages=stages, unrolls=unrolls) + (sweep(k, stages=(1, 2), unrolls=unrolls, regpipe=True)
+                                                                    if regpipe else []):
+                try:
+                    y = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], cfg).float()
+                except triton.runtime.errors.OutOfResources:  # too deep a pipeline for shared memory
+                    continue
                 err = ((y - ref).norm() / ref.norm()).item()
                 assert err < 1e-3, (cfg, err)
                 allt.append((timed(cfg), cfg))
-            for u in UNROLLS:
-                t, c = min((x for x in allt if x[1]["UNROLL"] == u), key=lambda x: x[0])
+            for u in unrolls:
+                t, c = min((x for x in allt if x[1]["UNROLL"] == u and not x[1].get("REGPIPE")), key=lambda x: x[0])
                 row[f"u{u}_us"], row[f"u{u}_cfg"] = t, c
-            best = min(row[f"u{u}_us"] for u in UNROLLS[1:])
-            row.update(gain_vs_u1=row["u1_us"] / best, gain_vs_tuned=row["tuned_us"] / min(best, row["u1_us"]),
+            if regpipe:
+                t, c = min((x for x in allt if x[1].get("REGPIPE")), key=lambda x: x[0])
+                row["regpipe_us"], row["regpipe_cfg"] = t, c
+            best_t, best_c = min(allt, key=lambda x: x[0])
+            best = min([row[f"u{u}_us"] for u in unrolls if u > 1] or [best_t])  # (the first run: U > 1 only)
+            row.update(best_us=best_t, best_cfg=best_c, sweep_gain_vs_tuned=row["tuned_us"] / best_t,
+                       gain_vs_u1=row["u1_us"] / best if 1 in unrolls else float("nan"),
+                       gain_vs_tuned=row["tuned_us"] / min(best, row.get("u1_us", best)),
                        best_vs_bf16=t_bf16 / min(best, row["tuned_us"]), best_vs_fp8=t_fp8 / min(best, row["tuned_us"]),
                        tuned_vs_fp8=t_fp8 / row["tuned_us"],
                        sweep=[dict(us=t, **c) for t, c in allt])
@@ -122,12 +137,13 @@ def bench(path):
         del wsets, kern, wb, w8
         torch.cuda.empty_cache()
     summary = {"gain_vs_u1": geomean([r["gain_vs_u1"] for r in rows]),
+               "sweep_gain_vs_tuned": geomean([r["sweep_gain_vs_tuned"] for r in rows]),
                "gain_vs_tuned": geomean([r["gain_vs_tuned"] for r in rows]),
                "tuned_vs_fp8": geomean([r["tuned_vs_fp8"] for r in rows]),
                "best_vs_fp8": geomean([r["best_vs_fp8"] for r in rows]),
                "best_vs_bf16": geomean([r["best_vs_bf16"] for r in rows])}
-    print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "tuned_us", "u1_us", "u2_us", "u4_us", "gain_vs_u1",
-                       "best_vs_fp8"]))
+    print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "tuned_us"] + [f"u{u}_us" for u in unrolls]
+                + (["regpipe_us"] if regpipe else []) + ["best_us", "sweep_gain_vs_tuned", "best_vs_fp8"]))
     print(summary)
     write_json(path, dict(env=env, rows=rows, summary=summary))
 
@@ -136,10 +152,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stages", default="3,4", help="num_stages values swept")
+    ap.add_argument("--unrolls", default="1,2,4")
+    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--regpipe", action="store_true", help="also REGPIPE configs (stages 1, 2)")
+    ap.add_argument("--shapes", default=None, help="NxK,NxK (default: the four Llama-3-8B shapes)")
     args = ap.parse_args()
     from _bench_util import check_then_bench
 
-    check_then_bench(args, check, bench)
+    ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    shapes = tuple(tuple(int(v) for v in p.split("x")) for p in args.shapes.split(",")) if args.shapes else SHAPES
+    check_then_bench(args, check, lambda path: bench(path, ints(args.stages), ints(args.unrolls), ints(args.ms),
+                                                              args.regpipe, shapes))
 
 
 if __name__ == "__main__":

@@ -208,7 +208,9 @@ def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, pr
               SWAP=True, UNPACK_DUP=False, PRECISE_ACC=None, DEQ16=False, FUSED_SPLITK=split > 1, HALF=True,
               ASM=use_asm(), EPI=0, HAS_RES=False, PERSIST=0, TMA=False,
               SCALE_PREFETCH=G.GEMM_SCALE_PREFETCH if prefetch is None else prefetch,
-              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), num_warps=warps,
+              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), SCALE_TOUCH=int(os.environ.get("DIAG_TOUCH", "0")),
+              REGPIPE=int(os.environ.get("DIAG_REGPIPE", "0")),
+              num_warps=warps,
               num_stages=stages)
     return G._w4a8_gemm_kernel.warmup(*args, grid=(1,), **kw)
 

@@ -1,0 +1,127 @@
+"""Decode GEMM (M <= 16): what the group scales' loads cost the tiled SWAP schedule, and two ways to hide them.
+
+Why: at decode the SWAP kernel takes about one loaded-memory latency an iteration (28672 x 4096, split 1: 32
+iterations in ~29 us on the H200) although its weight tiles are copied asynchronously three deep. Each
+iteration's group scales are a byte a row, too narrow for the asynchronous copies: a plain load waited on
+inside the iteration. Variants, same configs and weights:
+
+- off:      the shipped loop (the scales loaded in their iteration);
+- prefetch: GEMM_SCALE_PREFETCH (loaded one iteration ahead);
+- touch:    GEMM_SCALE_TOUCH (all the split's scales loaded once before the loop; the loop's loads hit L1);
+- channel:  per-channel scales (no scale load in the loop at all): the bound on what hiding them can give.
+
+    python scripts/diag_gemm_scales.py --check          # CPU (interpreter) or GPU: touch == off, bit for bit
+    python scripts/diag_gemm_scales.py --json FILE      # GPU: timings
+
+Llama-3-8B shapes, M in {1, 4, 16}; at M = 1 the tuned GEMV is timed beside the SWAP config of M = 4.
+Weights rotated past L2, CUDA-graph timing, cuBLAS FP8 in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+MS = (1, 4, 16)
+VARIANTS = ("off", "prefetch", "touch", "channel")
+
+
+def _gemm(variant, xq, xs, w, qw, cfg, lb=128):
+    import fireq_kernels.gemm_w4a8 as G
+
+    G.GEMM_SCALE_PREFETCH = variant == "prefetch"
+    G.GEMM_SCALE_TOUCH = variant == "touch"
+    try:
+        if variant == "channel":
+            return G.w4a8_gemm_triton(xq, xs, w, qw[1][:, :1].contiguous(), qw[2], -1, None,
+                                      torch.bfloat16 if xq.is_cuda else torch.float32, config=cfg, layout_block=lb)
+        return G.w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
+                                  config=cfg, layout_block=lb)
+    finally:
+        G.GEMM_SCALE_PREFETCH = G.GEMM_SCALE_TOUCH = False
+
+
+def check(dev):
+    from fireq.formats.int4 import quantize_int4
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
+
+    small = dev == "cpu"
+    for m, n, k, split, u in ((3, 64, 1024, 2, 2), (16, 96, 640, 1, 1), (5, 64, 896, 3, 1)) if small else \
+            ((4, 4096, 4096, 1, 2), (16, 6144, 14336, 8, 1)):
+        g = torch.Generator().manual_seed(m + n)
+        qw = quantize_int4(torch.randn(n, k, generator=g) * 0.02, 128)
+        w = repack_half(qw.qweight, k, 128).to(dev)
+        xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
+        cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4,
+                   num_stages=2 if small else 3, UNROLL=u)
+        qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
+        a, b = _gemm("off", xq, xs, w, qwt, cfg), _gemm("touch", xq, xs, w, qwt, cfg)
+        print(f"M={m} N={n} K={k} split {split}: max |touch - off| {(a.float() - b.float()).abs().max().item():.1e}")
+        assert torch.equal(a, b)
+
+
+def bench(path):
+    from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
+    from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
+
+    print(f"tuned configs loaded: {load_tuned()}", flush=True)
+    env = env_info()
+    rows = []
+    for n, k in SHAPES:
+        wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
+        kern = [repack_half(q, k, 128) for q, _, _ in wsets]
+        w8 = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies_for(n * k,
+                                                                                                  env.get("l2_bytes")))]
+        one = torch.ones((), device="cuda")
+        for m in MS:
+            nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
+            xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
+            sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
+            x8 = torch.randn(16, k, device="cuda").to(torch.float8_e4m3fn)
+            t_fp8 = bench_graph([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16)
+                                 for w in w8]) * 1e3
+            cfgs = [pick_config(m, n, k, 128)]
+            if cfgs[0].get("GEMV"):
+                cfgs.append(pick_config(4, n, k, 128))
+            for cfg in cfgs:
+                row = dict(N=n, K=k, M=m, fp8_us=t_fp8, config=cfg)
+                for v in VARIANTS if not cfg.get("GEMV") else ("off",):
+                    if v == "touch":
+                        assert torch.equal(_gemm("off", *sets[0][0], sets[0][1], sets[0][2], cfg),
+                                           _gemm("touch", *sets[0][0], sets[0][1], sets[0][2], cfg))
+                    row[f"{v}_us"] = bench_graph([lambda x=x, w=w, q=q, v=v: _gemm(v, x[0], x[1], w, q, cfg)
+                                                  for x, w, q in sets]) * 1e3
+                for v in VARIANTS[1:]:
+                    if f"{v}_us" in row:
+                        row[f"{v}_gain"] = row["off_us"] / row[f"{v}_us"]
+                row["off_vs_fp8"] = t_fp8 / row["off_us"]
+                rows.append(row)
+                print(row, flush=True)
+        del wsets, kern, w8
+        torch.cuda.empty_cache()
+    swap = [r for r in rows if "channel_us" in r]
+    summary = {f"{v}_gain": geomean([r[f"{v}_gain"] for r in swap]) for v in VARIANTS[1:]}
+    print(table(rows, ["N", "K", "M", "fp8_us", "off_us", "prefetch_us", "touch_us", "channel_us", "touch_gain",
+                       "channel_gain"]))
+    print(summary)
+    write_json(path, dict(env=env, rows=rows, summary=summary))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from _bench_util import check_then_bench
+
+    check_then_bench(args, check, bench)
+
+
+if __name__ == "__main__":
+    main()
