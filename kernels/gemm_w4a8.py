@@ -22,8 +22,6 @@ Schedules:
   the checkpoint layout and as a tuning candidate).
 - UNROLL (config, default 1): the K loop unrolled, UNROLL tiles (and their asynchronous copies) an
   iteration; used only where a split's tile count is a multiple of it.
-- REGPIPE (config, kernel layout without TMA): the next K tile's weight bytes and x loaded into registers
-  an iteration ahead (plain loads; with num_stages 1 no asynchronous copies through shared memory).
 - persistent (config PERSIST = programs an SM, SPLIT_K 1): a grid of PERSIST x SMs programs that walk the
   output tiles in the grouped order; a tuning candidate at large M.
 
@@ -50,14 +48,9 @@ GEMM_TMA = False  # measured 7-8% slower at prefill with the pointer-tuned confi
 # before our FP32 accumulation of each K tile: the kernel's relative error against float64 is of this
 # order on the GPU, whatever the twin's FP32 error. (cuBLAS FP8 without split accumulation shares it.)
 FP8_MMA_ACC_RTOL = 2.0**-13
-# tiled kernel over the kernel layout: the group scales of each K tile loaded one iteration ahead. Off until
-# timed (scripts/diag_gemm_prefetch.py); the attention kernels' equivalent paid on the H200
+# tiled kernel over the kernel layout: the group scales of each K tile loaded one iteration ahead. Off: no gain
+# on the H200 (decode 1.00x / 0.99x, prefill 0.96x: gemm-prefetch-diag-h200.json, gemm-scales-diag-h200.json)
 GEMM_SCALE_PREFETCH = False
-# tiled kernel over the kernel layout: each program prefetches its rows' group scales into L1 before the K loop
-# (a split's scales of a row are <= 64 bytes: two lines), so the loop's own narrow synchronous scale loads hit L1
-# instead of waiting on memory. Off until timed
-# (scripts/diag_gemm_scales.py)
-GEMM_SCALE_TOUCH = False
 
 
 # ----------------------------------------------------------------------------- configs
@@ -212,13 +205,6 @@ def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl
 
 
 @triton.jit
-def _prefetch_l1(ptrs):
-    """prefetch.global.L1 of each address (a side effect only; the zeros returned are not used)."""
-    return tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
 def _w4a8_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
     M, N, K, inv_mult, inv_mult2,
@@ -228,7 +214,6 @@ def _w4a8_gemm_kernel(
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
     PERSIST: tl.constexpr, TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-    SCALE_TOUCH: tl.constexpr, REGPIPE: tl.constexpr,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -241,12 +226,12 @@ def _w4a8_gemm_kernel(
             _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K,
                 inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, GROUP, PER_CHANNEL,
                 HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16, FUSED_SPLITK, HALF, ASM,
-                EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL, SCALE_TOUCH, REGPIPE)
+                EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL)
     else:
         _gemm_tile(tl.program_id(0), tl.program_id(1), x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
             cnt_ptr, r_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
             GROUP, PER_CHANNEL, HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16,
-            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL, SCALE_TOUCH, REGPIPE)
+            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL)
 
 
 @triton.jit
@@ -258,8 +243,7 @@ def _gemm_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr, SCALE_TOUCH: tl.constexpr,
-    REGPIPE: tl.constexpr,
+    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel. TMA (kernel layout only): x_ptr and
     w_ptr are tensor descriptors with blocks (BM, BK/2) and (BN, BK/2); zeros past M, N and K.
@@ -299,31 +283,8 @@ def _gemm_tile(
     if PREFETCH:  # (the tile index as a vector: the interpreter takes no scalar in a load's mask)
         tv = t0 + 0 * offs_n
         sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
-    if SCALE_TOUCH and not PER_CHANNEL and ASM:
-        # the first and last group scale of this split in each row prefetched into L1 before the loop (a row's
-        # scales of a split are at most SCALE_TOUCH bytes: two lines), so the loop's own narrow loads hit L1
-        g_ends = tl.where(tl.arange(0, 2) == 0, (t0 * BK) // GROUP, (t1 * BK - 1) // GROUP)
-        _prefetch_l1(ws_ptr + offs_n[:, None] * stride_wsn + g_ends[None, :])
-    RP: tl.constexpr = REGPIPE and HALF and not TMA
-    if RP:  # register pipeline: the next K tile's weights and x loaded into registers before this one's math
-        tv = t0 + 0 * offs_n
-        wb_n = tl.load(w_base + (t0 * (BK // 2) + offs_kh)[None, :], mask=mask_n[:, None] & (tv < t1)[:, None],
-                       other=0)
-        ka = t0 * BK + offs_kh
-        xa_n = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
-        xb_n = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
-                       other=0.0)
     for t in tl.range(t0, t1, loop_unroll_factor=UNROLL):
         k0 = t * BK
-        if RP:
-            wb, xa, xb = wb_n, xa_n, xb_n
-            tv = t + 1 + 0 * offs_n
-            wb_n = tl.load(w_base + (k0 // 2 + BK // 2 + offs_kh)[None, :], mask=mask_n[:, None] & (tv < t1)[:, None],
-                           other=0)
-            ka = k0 + BK + offs_kh
-            xa_n = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
-            xb_n = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
-                           other=0.0)
         if PREFETCH:
             sg_t = sg_n
             tv = t + 1 + 0 * offs_n
@@ -336,8 +297,6 @@ def _gemm_tile(
                 xa = x_ptr.load([pid_m * BM, k0])
                 xb = x_ptr.load([pid_m * BM, k0 + BK // 2])
                 wb = w_ptr.load([pid_n * BN, k0 // 2])
-            elif RP:
-                pass  # loaded an iteration ahead
             else:
                 ka = k0 + offs_kh
                 xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
@@ -714,8 +673,6 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         return torch.empty((0, n_out), dtype=out_dtype, device=xq.device)
     if triton.cdiv(k, cfg["BK"]) % (split * cfg.get("UNROLL", 1)):
         cfg = dict(cfg, UNROLL=1)  # unrolled loops only over whole multiples of UNROLL tiles a split
-    touch = bool(GEMM_SCALE_TOUCH and half and not per_channel and not cfg.get("PERSIST")
-                 and triton.cdiv(triton.cdiv(k, cfg["BK"]), split) * cfg["BK"] // g <= 64)
     tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     persist = 0
     if cfg.get("PERSIST") and split == 1:  # persistent: PERSIST programs an SM walk the tiles
@@ -746,7 +703,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
         ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, TMA=tma,
         SCALE_PREFETCH=GEMM_SCALE_PREFETCH, UNROLL=cfg.get("UNROLL", 1),
-        SCALE_TOUCH=touch, REGPIPE=bool(cfg.get("REGPIPE")), num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not fused else out

@@ -7,11 +7,13 @@ inside the iteration. Variants, same configs and weights:
 
 - off:      the shipped loop (the scales loaded in their iteration);
 - prefetch: GEMM_SCALE_PREFETCH (loaded one iteration ahead);
-- touch:    GEMM_SCALE_TOUCH (all the split's scales loaded once before the loop; the loop's loads hit L1);
 - channel:  per-channel scales (no scale load in the loop at all): the bound on what hiding them can give.
 
-    python scripts/diag_gemm_scales.py --check          # CPU (interpreter) or GPU: touch == off, bit for bit
+    python scripts/diag_gemm_scales.py --check          # CPU (interpreter) or GPU: prefetch == off, bit for bit
     python scripts/diag_gemm_scales.py --json FILE      # GPU: timings
+
+A third variant, all of a split's scales prefetched into L1 before the loop (prefetch.global.L1), was timed
+at commit 7a33301 (gemm-scales-diag-h200.json, "touch": 1.00x) and removed.
 
 Llama-3-8B shapes, M in {1, 4, 16}; at M = 1 the tuned GEMV is timed beside the SWAP config of M = 4.
 Weights rotated past L2, CUDA-graph timing, cuBLAS FP8 in the same run.
@@ -29,14 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 MS = (1, 4, 16)
-VARIANTS = ("off", "prefetch", "touch", "channel")
+VARIANTS = ("off", "prefetch", "channel")
 
 
 def _gemm(variant, xq, xs, w, qw, cfg, lb=128):
     import fireq_kernels.gemm_w4a8 as G
 
     G.GEMM_SCALE_PREFETCH = variant == "prefetch"
-    G.GEMM_SCALE_TOUCH = variant == "touch"
     try:
         if variant == "channel":
             return G.w4a8_gemm_triton(xq, xs, w, qw[1][:, :1].contiguous(), qw[2], -1, None,
@@ -44,7 +45,7 @@ def _gemm(variant, xq, xs, w, qw, cfg, lb=128):
         return G.w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
                                   config=cfg, layout_block=lb)
     finally:
-        G.GEMM_SCALE_PREFETCH = G.GEMM_SCALE_TOUCH = False
+        G.GEMM_SCALE_PREFETCH = False
 
 
 def check(dev):
@@ -61,8 +62,8 @@ def check(dev):
         cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4,
                    num_stages=2 if small else 3, UNROLL=u)
         qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
-        a, b = _gemm("off", xq, xs, w, qwt, cfg), _gemm("touch", xq, xs, w, qwt, cfg)
-        print(f"M={m} N={n} K={k} split {split}: max |touch - off| {(a.float() - b.float()).abs().max().item():.1e}")
+        a, b = _gemm("off", xq, xs, w, qwt, cfg), _gemm("prefetch", xq, xs, w, qwt, cfg)
+        print(f"M={m} N={n} K={k} split {split}: max |prefetch - off| {(a.float() - b.float()).abs().max().item():.1e}")
         assert torch.equal(a, b)
 
 
@@ -92,9 +93,9 @@ def bench(path):
             for cfg in cfgs:
                 row = dict(N=n, K=k, M=m, fp8_us=t_fp8, config=cfg)
                 for v in VARIANTS if not cfg.get("GEMV") else ("off",):
-                    if v == "touch":
+                    if v == "prefetch":
                         assert torch.equal(_gemm("off", *sets[0][0], sets[0][1], sets[0][2], cfg),
-                                           _gemm("touch", *sets[0][0], sets[0][1], sets[0][2], cfg))
+                                           _gemm("prefetch", *sets[0][0], sets[0][1], sets[0][2], cfg))
                     row[f"{v}_us"] = bench_graph([lambda x=x, w=w, q=q, v=v: _gemm(v, x[0], x[1], w, q, cfg)
                                                   for x, w, q in sets]) * 1e3
                 for v in VARIANTS[1:]:
@@ -107,7 +108,7 @@ def bench(path):
         torch.cuda.empty_cache()
     swap = [r for r in rows if "channel_us" in r]
     summary = {f"{v}_gain": geomean([r[f"{v}_gain"] for r in swap]) for v in VARIANTS[1:]}
-    print(table(rows, ["N", "K", "M", "fp8_us", "off_us", "prefetch_us", "touch_us", "channel_us", "touch_gain",
+    print(table(rows, ["N", "K", "M", "fp8_us", "off_us", "prefetch_us", "channel_us", "prefetch_gain",
                        "channel_gain"]))
     print(summary)
     write_json(path, dict(env=env, rows=rows, summary=summary))

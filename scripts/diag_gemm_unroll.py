@@ -40,7 +40,7 @@ def _gemm(xq, xs, w, qw, cfg, lb=128):
                             config=cfg, layout_block=lb)
 
 
-def sweep(k: int, small: bool = False, stages=(3, 4), unrolls=UNROLLS, regpipe: bool = False) -> list[dict]:
+def sweep(k: int, small: bool = False, stages=(3, 4), unrolls=UNROLLS) -> list[dict]:
     """SWAP configs for M <= 16 with every UNROLL whose tiles a split holds whole (and no deeper pipeline than
     a split has iterations)."""
     out = []
@@ -50,7 +50,7 @@ def sweep(k: int, small: bool = False, stages=(3, 4), unrolls=UNROLLS, regpipe: 
         if tiles % split or (tiles // split) % u or tiles // split < u or tiles // split // u < st - 1:
             continue
         out.append(dict(SWAP=True, BM=16, BN=bn, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4, num_stages=st,
-                        UNROLL=u, **(dict(REGPIPE=True) if regpipe else {})))
+                        UNROLL=u))
     return out
 
 
@@ -65,7 +65,7 @@ def check(dev):
         w = repack_half(qw.qweight, k, 128).to(dev)
         xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
         qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
-        cfgs = sweep(k, small) + sweep(k, small, stages=(1, 2), unrolls=(1,), regpipe=True)
+        cfgs = sweep(k, small)
         if small:
             cfgs = [c for c in cfgs if c["SPLIT_K"] in (1, 2)]
         base = {}
@@ -78,7 +78,7 @@ def check(dev):
         print(f"M={m} N={n} K={k}: {len(cfgs)} configs, each UNROLL bit-identical to UNROLL=1 at its split")
 
 
-def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, regpipe=False, shapes=SHAPES):
+def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
     from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
     from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
 
@@ -109,8 +109,7 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, regpipe=False, shapes=SHA
             ref = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], tuned).float()
             row = dict(N=n, K=k, M=m, bf16_us=t_bf16, fp8_us=t_fp8, tuned_us=timed(tuned), tuned_cfg=tuned)
             allt = []
-            for cfg in sweep(k, stages=stages, unrolls=unrolls) + (sweep(k, stages=(1, 2), unrolls=unrolls, regpipe=True)
-                                                                    if regpipe else []):
+            for cfg in sweep(k, stages=stages, unrolls=unrolls):
                 try:
                     y = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], cfg).float()
                 except triton.runtime.errors.OutOfResources:  # too deep a pipeline for shared memory
@@ -119,11 +118,8 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, regpipe=False, shapes=SHA
                 assert err < 1e-3, (cfg, err)
                 allt.append((timed(cfg), cfg))
             for u in unrolls:
-                t, c = min((x for x in allt if x[1]["UNROLL"] == u and not x[1].get("REGPIPE")), key=lambda x: x[0])
+                t, c = min((x for x in allt if x[1]["UNROLL"] == u), key=lambda x: x[0])
                 row[f"u{u}_us"], row[f"u{u}_cfg"] = t, c
-            if regpipe:
-                t, c = min((x for x in allt if x[1].get("REGPIPE")), key=lambda x: x[0])
-                row["regpipe_us"], row["regpipe_cfg"] = t, c
             best_t, best_c = min(allt, key=lambda x: x[0])
             best = min([row[f"u{u}_us"] for u in unrolls if u > 1] or [best_t])  # (the first run: U > 1 only)
             row.update(best_us=best_t, best_cfg=best_c, sweep_gain_vs_tuned=row["tuned_us"] / best_t,
@@ -143,7 +139,7 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, regpipe=False, shapes=SHA
                "best_vs_fp8": geomean([r["best_vs_fp8"] for r in rows]),
                "best_vs_bf16": geomean([r["best_vs_bf16"] for r in rows])}
     print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "tuned_us"] + [f"u{u}_us" for u in unrolls]
-                + (["regpipe_us"] if regpipe else []) + ["best_us", "sweep_gain_vs_tuned", "best_vs_fp8"]))
+                + ["best_us", "sweep_gain_vs_tuned", "best_vs_fp8"]))
     print(summary)
     write_json(path, dict(env=env, rows=rows, summary=summary))
 
@@ -155,7 +151,6 @@ def main():
     ap.add_argument("--stages", default="3,4", help="num_stages values swept")
     ap.add_argument("--unrolls", default="1,2,4")
     ap.add_argument("--ms", default="1,4,16")
-    ap.add_argument("--regpipe", action="store_true", help="also REGPIPE configs (stages 1, 2)")
     ap.add_argument("--shapes", default=None, help="NxK,NxK (default: the four Llama-3-8B shapes)")
     args = ap.parse_args()
     from _bench_util import check_then_bench
@@ -163,7 +158,7 @@ def main():
     ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
     shapes = tuple(tuple(int(v) for v in p.split("x")) for p in args.shapes.split(",")) if args.shapes else SHAPES
     check_then_bench(args, check, lambda path: bench(path, ints(args.stages), ints(args.unrolls), ints(args.ms),
-                                                              args.regpipe, shapes))
+                                                              shapes))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ For checking a kernel change (spills, layout conversions, byte loads) before spe
     DIAG_K_SYM=0 python scripts/diag_sass.py decode            # DIAG_K_<NAME>: a decode constexpr overridden
     python scripts/diag_sass.py gemv --cfg 8,2048,4,1
     python scripts/diag_sass.py swap --prefetch 1                # the GEMM's tiled (SWAP) schedule at M = 16
+    DIAG_UNROLL=2 python scripts/diag_sass.py swap               # ... with its K loop unrolled by 2
 
 Needs Triton's NVIDIA backend (its ptxas, cuobjdump and nvdisasm come with the wheel); nothing is launched.
 The triton version decides the code: the GPU machine runs 3.6 (pip install triton==3.6.0 into a venv to
@@ -208,9 +209,7 @@ def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, pr
               SWAP=True, UNPACK_DUP=False, PRECISE_ACC=None, DEQ16=False, FUSED_SPLITK=split > 1, HALF=True,
               ASM=use_asm(), EPI=0, HAS_RES=False, PERSIST=0, TMA=False,
               SCALE_PREFETCH=G.GEMM_SCALE_PREFETCH if prefetch is None else prefetch,
-              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), SCALE_TOUCH=int(os.environ.get("DIAG_TOUCH", "0")),
-              REGPIPE=int(os.environ.get("DIAG_REGPIPE", "0")),
-              num_warps=warps,
+              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), num_warps=warps,
               num_stages=stages)
     return G._w4a8_gemm_kernel.warmup(*args, grid=(1,), **kw)
 

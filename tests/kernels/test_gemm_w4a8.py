@@ -138,7 +138,6 @@ HALF_CASES = [
     (70, 128, 384, 128, 128, dict(_cfg(True, 1, 128), PERSIST=1)),
     (4, 64, 1024, 128, 128, dict(_cfg(True, 2, 128), UNROLL=2)),  # two K tiles an iteration, 4 a split
     (3, 64, 640, 128, 128, dict(_cfg(True, 1, 128), UNROLL=2)),  # 5 tiles: falls back to UNROLL=1
-    (5, 64, 640, 128, 128, dict(_cfg(True, 2, 128), REGPIPE=True)),  # register pipeline, ragged splits (3 + 2)
     # wide K tiles (16 groups a tile), no pipelining, ragged last block
     (1, 40, 2500, 128, 128, dict(GEMV=True, BN=4, BK=2048, SPLIT_K=1, num_warps=4, num_stages=1)),
 ]
