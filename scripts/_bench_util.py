@@ -103,3 +103,30 @@ def check_then_bench(args, check, bench, *extra) -> None:
         check("cuda" if torch.cuda.is_available() else "cpu", *extra)
     if args.json:
         bench(args.json, *extra)
+
+
+def diag_parser(description: str | None = None):
+    """The diag scripts' command line: --check (references, on the GPU or the CPU interpreter) and --json FILE
+    (the GPU timings); a script adds its own options to the parser returned."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def decode_gemm_operands(dev: str, m: int, n: int, k: int, group: int = 128, block: int = 128):
+    """Random operands of the W4A8 GEMM for the diag checks, seeded by (m, n): x (m, k) quantized to FP8 rows,
+    INT4 weights (n, k) with FP8 group scales in the kernel layout of `block`-channel blocks. Returns
+    (xq, x_scale, packed weights, (None, scales, log2 multiplier))."""
+    import torch
+
+    from fireq.formats.int4 import quantize_int4
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
+
+    g = torch.Generator().manual_seed(m + n)
+    qw = quantize_int4(torch.randn(n, k, generator=g) * 0.02, group)
+    w = repack_half(qw.qweight, k, block).to(dev)
+    xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
+    return xq, xs, w, (None, qw.scales.to(dev), qw.log2_multiplier)

@@ -21,7 +21,6 @@ Weights rotated past L2, CUDA-graph timing, cuBLAS FP8 in the same run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -49,19 +48,14 @@ def _gemm(variant, xq, xs, w, qw, cfg, lb=128):
 
 
 def check(dev):
-    from fireq.formats.int4 import quantize_int4
-    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
+    from _bench_util import decode_gemm_operands
 
     small = dev == "cpu"
     for m, n, k, split, u in ((3, 64, 1024, 2, 2), (16, 96, 640, 1, 1), (5, 64, 896, 3, 1)) if small else \
             ((4, 4096, 4096, 1, 2), (16, 6144, 14336, 8, 1)):
-        g = torch.Generator().manual_seed(m + n)
-        qw = quantize_int4(torch.randn(n, k, generator=g) * 0.02, 128)
-        w = repack_half(qw.qweight, k, 128).to(dev)
-        xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
+        xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
         cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4,
                    num_stages=2 if small else 3, UNROLL=u)
-        qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
         a, b = _gemm("off", xq, xs, w, qwt, cfg), _gemm("prefetch", xq, xs, w, qwt, cfg)
         print(f"M={m} N={n} K={k} split {split}: max |prefetch - off| {(a.float() - b.float()).abs().max().item():.1e}")
         assert torch.equal(a, b)
@@ -115,13 +109,9 @@ def bench(path):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    from _bench_util import check_then_bench
+    from _bench_util import check_then_bench, diag_parser
 
-    check_then_bench(args, check, bench)
+    check_then_bench(diag_parser().parse_args(), check, bench)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ sweep_gain_vs_tuned). --stages widens the pipeline depths swept (default 3,4):
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -55,16 +54,11 @@ def sweep(k: int, small: bool = False, stages=(3, 4), unrolls=UNROLLS) -> list[d
 
 
 def check(dev):
-    from fireq.formats.int4 import quantize_int4
-    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, repack_half
+    from _bench_util import decode_gemm_operands
 
     small = dev == "cpu"
     for m, n, k in ((3, 64, 1024), (16, 96, 512)) if small else ((4, 4096, 4096), (16, 6144, 4096)):
-        g = torch.Generator().manual_seed(m + n)
-        qw = quantize_int4(torch.randn(n, k, generator=g) * 0.02, 128)
-        w = repack_half(qw.qweight, k, 128).to(dev)
-        xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
-        qwt = (None, qw.scales.to(dev), qw.log2_multiplier)
+        xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
         cfgs = sweep(k, small)
         if small:
             cfgs = [c for c in cfgs if c["SPLIT_K"] in (1, 2)]
@@ -145,20 +139,17 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true")
-    ap.add_argument("--json", default=None)
+    from _bench_util import check_then_bench, diag_parser
+
+    ap = diag_parser()
     ap.add_argument("--stages", default="3,4", help="num_stages values swept")
     ap.add_argument("--unrolls", default="1,2,4")
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--shapes", default=None, help="NxK,NxK (default: the four Llama-3-8B shapes)")
     args = ap.parse_args()
-    from _bench_util import check_then_bench
-
     ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
     shapes = tuple(tuple(int(v) for v in p.split("x")) for p in args.shapes.split(",")) if args.shapes else SHAPES
-    check_then_bench(args, check, lambda path: bench(path, ints(args.stages), ints(args.unrolls), ints(args.ms),
-                                                              shapes))
+    check_then_bench(args, check, lambda path: bench(path, ints(args.stages), ints(args.unrolls), ints(args.ms), shapes))
 
 
 if __name__ == "__main__":
