@@ -75,6 +75,11 @@ UNSTAGED_PREFETCH = True
 # DECODE_PROGRAMS programs (one wave on 132 SMs). H200: 1.87 -> 1.97x SDPA (asymmetric 1.78 -> 1.89x) over the
 # 2-warp 128-key programs at 512 (attn-decode-w1-diag-h200.json, attn-decode-w1b-diag-h200.json)
 DECODE_BN, DECODE_WARPS, DECODE_PROGRAMS = 64, 1, 1024
+# decode over short caches (one 128-key tile a split fits in SHORT_PROGRAMS programs: a chat turn's 0.5-4K
+# tokens at B = 1, 512 at B = 8): 4-warp programs of 16 rows x 128 keys, one tile a split. Caches cold in L2 as
+# in a model's step, H200: 1.07-1.25x the 256-key programs of two tiles a split at 512-4K x 1 and 512 x 8; no
+# gain with more blocks, where the rule does not apply (attn-decode-short-diag-h200.json)
+SHORT_BN, SHORT_PROGRAMS = 128, 256
 # staged prefill with R <= 2 bias factors: the bias as one bf16 MMA chained onto the scores (each factor
 # split into three bf16 parts, six partial products: fp32-level accuracy) instead of R FMAs a score
 BIAS_MMA = True
@@ -759,7 +764,8 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
 
     Defaults: prefill blocks of 64 query rows x 128 keys, 4 warps, 3 stages (H100,
     benchmarks/results/attn-diag-h100.json); decode with long caches one-warp programs of 16 rows x 64 keys,
-    3 stages, split along the keys to about DECODE_PROGRAMS programs (H200); otherwise (few keys) 16 rows x
+    3 stages, split along the keys to about DECODE_PROGRAMS programs (H200); short caches (one 128-key tile a
+    split within SHORT_PROGRAMS programs) 16 rows x 128 keys, 4 warps, one tile a split; otherwise 16 rows x
     256 keys, 4 warps, 3 stages, split until the grid has about two waves (at most 32 splits).
 
     pv_fp8: P.V as an FP8 MMA (needs one scale a token; slower on the H100 with this cache layout, see
@@ -835,6 +841,11 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             # e.g. 8K x 1: 16 x 256-key programs of 4 warps stay faster, attn-decode-w1-diag-h200.json)
             bn, num_warps, splits = DECODE_BN, DECODE_WARPS, 1
             while blocks * splits < DECODE_PROGRAMS:
+                splits *= 2
+        elif (block_n is None and num_warps is None and splits is None and bm <= 16 and d <= 128
+              and blocks * triton.cdiv(lk, SHORT_BN) <= SHORT_PROGRAMS):
+            bn, num_warps, splits = SHORT_BN, 4, 1  # short cache: one tile a split (powers of two: few compiles)
+            while splits * bn < lk and blocks * splits * 2 <= SHORT_PROGRAMS:
                 splits *= 2
         num_warps = num_warps or 4
         num_stages = num_stages or 3

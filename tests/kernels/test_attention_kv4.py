@@ -108,6 +108,17 @@ def test_decode_default_program_shape(spec, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False)])
+def test_decode_short_cache_default(spec):
+    # the wrapper's own choice for a short cache (4 blocks x 3 tiles of 128 keys <= SHORT_PROGRAMS): 128-key
+    # 4-warp programs, one tile a split: 4 splits of 75 keys (the last tile of each ragged); and Lq = 2
+    import fireq_kernels.attention_kv4 as ak
+
+    assert 4 * 3 <= ak.SHORT_PROGRAMS and 2 * 2 * 300 // 256 < ak.DECODE_PROGRAMS // 2  # not the one-warp path
+    _run(2, 8, 2, 1, 300, 64, spec, True, 0, None, seed=23, tiles=False)
+    _run(1, 4, 2, 2, 260, 64, spec, True, 0, None, seed=24, tiles=False)
+
+
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False)])
 @pytest.mark.parametrize("staged,bias_r", [(False, 0), (True, 2)])
 def test_scale_prefetch_is_bit_identical(spec, staged, bias_r, monkeypatch):
     # the per-token scales (and zero points) loaded one tile ahead (UNSTAGED_PREFETCH, the decode kernel;
