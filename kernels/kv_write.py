@@ -87,6 +87,15 @@ def _kv_write_kernel(x_ptr, q_ptr, s_ptr, z_ptr, pos_ptr, R, stride_x, NT, CAP, 
         tl.store(s_ptr + drow * NG + gi, s_st, mask=ok)
 
 
+def _launch_shape(r: int, d: int) -> tuple[int, int]:
+    """(rows a program, warps) for r rows of d channels: up to 4096 elements a program, but no fewer programs
+    than rows or 132 (one token's 8 heads at decode: 8 one-row programs, not one program of 32 rows, 3/4 of
+    them masked, whose serial chain of divisions was 6 us a call in a decode step on the H200,
+    decode-profile-b1-h200.json)."""
+    br = max(1, min(64, 4096 // d, triton.next_power_of_2(triton.cdiv(r, 132))))
+    return br, max(1, min(4, br * d // 256))
+
+
 def quantize_kv_triton(x: torch.Tensor, spec):
     """x (..., D) on an FP8 GPU (or under TRITON_INTERPRET=1) -> fireq.formats.kv.QuantizedKV."""
     from fireq.formats.kv import QuantizedKV
@@ -105,11 +114,11 @@ def quantize_kv_triton(x: torch.Tensor, spec):
     scales = torch.empty((*lead, d // g), dtype=sdt, device=x.device)
     zeros = None if spec.symmetric else torch.empty((*lead, d // g), dtype=torch.uint8, device=x.device)
     if r:
-        br = max(1, min(64, 4096 // d))
+        br, warps = _launch_shape(r, d)
         _kv_write_kernel[(triton.cdiv(r, br),)](
             x2, packed, scales, zeros if zeros is not None else packed, x2, r, x2.stride(0), 1, 1, D=d, G=g, BR=br,
             SYM=spec.symmetric, FP8_SCALE=spec.scale_dtype == "fp8", EXACT_ROUND=_interpreting(), SCATTER=False,
-            num_warps=4)
+            num_warps=warps)
     return QuantizedKV(packed, scales, zeros)
 
 
@@ -132,8 +141,8 @@ def write_kv_triton(x: torch.Tensor, spec, dst, pos: torch.Tensor) -> None:
         x2 = x2.contiguous()
     r = x2.shape[0]
     if r:
-        br = max(1, min(64, 4096 // d))
+        br, warps = _launch_shape(r, d)
         _kv_write_kernel[(triton.cdiv(r, br),)](
             x2, dst.packed, dst.scales, dst.zeros if dst.zeros is not None else dst.packed, pos, r, x2.stride(0), n,
             cap, D=d, G=g, BR=br, SYM=spec.symmetric, FP8_SCALE=spec.scale_dtype == "fp8",
-            EXACT_ROUND=_interpreting(), SCATTER=True, num_warps=4)
+            EXACT_ROUND=_interpreting(), SCATTER=True, num_warps=warps)

@@ -55,4 +55,12 @@ def test_kernel_path_over_static_cache():
         layer.update(k[:, :, :10], v[:, :, :10])
         kp, vp = layer.update(k[:, :, 10:], v[:, :, 10:])
         outs.append(attention._kernel_forward(mod, q, kp, vp, 32 ** -0.5, mod.fireq_attn, {})[0])
+        if max_len:  # reset: the device-side lengths (int64 and the kernel's int32 ones) start again from 0
+            layer.reset()
+            layer.update(k[:, :, :7], v[:, :, :7])
+            layer.update(k[:, :, 7:10], v[:, :, 7:10])
+            kp, vp = layer.update(k[:, :, 10:], v[:, :, 10:])
+            assert kp._fireq_lens[2].tolist() == [11, 11] and kp._fireq_lens[3].tolist() == [1, 1]
+            outs.append(attention._kernel_forward(mod, q, kp, vp, 32 ** -0.5, mod.fireq_attn, {})[0])
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(outs[0], outs[2], rtol=1e-5, atol=1e-6)

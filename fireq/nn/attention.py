@@ -23,7 +23,8 @@ from ..formats.kv import KVSpec, QuantizedKV, dequantize_kv, quantize_kv
 
 ATTN_IMPL = "fireq"
 _PACKED = "_fireq_packed"  # attribute of the INT4 cache's placeholder keys: (packed K, packed V)
-_LENS = "_fireq_lens"  # static cache: (valid length, device () int64; the same on the host) of the buffers
+_LENS = "_fireq_lens"  # static cache: (valid length: device () int64, host int; (B,) int32 key lengths, (B,)
+# int32 query lengths: the kernel's) of the buffers
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,8 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
     bsz, hq, lq, d = query.shape
     lens_q = lens_k = None
     lens = getattr(key, _LENS, None)
-    if lens is not None:  # static cache: whole buffers, valid lengths on the device
-        lens_k = lens[0].to(torch.int32).expand(bsz).contiguous()
-        lens_q = torch.full((bsz,), lq, dtype=torch.int32, device=query.device)
+    if lens is not None:  # static cache: whole buffers, valid lengths on the device (kept by the cache)
+        lens_k, lens_q = lens[2], lens[3]
     # written straight into the (B, Lq, Hq, D) layout the model wants next: no transpose copy
     out = torch.empty((bsz, lq, hq, d), dtype=query.dtype, device=query.device)
     kv4_attention_triton(q8.view(q.shape), qs.view(bsz, hq, lq), qk.packed, qk.scales, qv.packed, qv.scales, scale,
@@ -217,6 +217,11 @@ def _make_layer_class():
             # shapes and no host state, so it can be captured in a CUDA graph
             self.max_len = max_len
             self._len_dev: torch.Tensor | None = None
+            # the attention kernel's (B,) int32 key lengths, kept in step with _len_dev (one in-place add a
+            # step instead of a cast, an expand copy and a fill in every layer's attention call), and its query
+            # lengths by (B, new tokens)
+            self._lens32: torch.Tensor | None = None
+            self._lq32: dict = {}
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
@@ -282,10 +287,16 @@ def _make_layer_class():
             self._len_dev.add_(n)
             self.cumulative_length += n  # host mirror (eager use; a replayed graph does not update it)
             b, h, _, d = key_states.shape
+            if self._lens32 is None or self._lens32.shape[0] != b:
+                self._lens32 = self._len_dev.to(torch.int32).expand(b).contiguous()
+            else:
+                self._lens32.add_(n)
+            if (b, n) not in self._lq32:
+                self._lq32[(b, n)] = torch.full((b,), n, dtype=torch.int32, device=key_states.device)
             k = key_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
             v = value_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
             setattr(k, _PACKED, (self._buf[0], self._buf[1]))
-            setattr(k, _LENS, (self._len_dev, self.cumulative_length))
+            setattr(k, _LENS, (self._len_dev, self.cumulative_length, self._lens32, self._lq32[(b, n)]))
             return k, v
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -314,6 +325,8 @@ def _make_layer_class():
         def reset(self) -> None:
             if self.max_len is not None and self._len_dev is not None:  # static: keep the buffers' addresses
                 self._len_dev.zero_()
+                if self._lens32 is not None:
+                    self._lens32.zero_()
                 self.cumulative_length = 0
                 return
             self._buf = None

@@ -38,6 +38,19 @@ def test_kv_write_matches_format(spec, d):
         assert torch.equal(got.zeros, ref.zeros)
 
 
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False)])
+def test_kv_write_many_rows(spec):
+    # enough rows for whole multi-row programs (the launch takes up to 4096 // d rows a program once the rows
+    # outnumber the SMs; few rows go one a program), ragged last program
+    from fireq_kernels.kv_write import _launch_shape
+
+    x = (torch.randn(2, 3, 700, 128, generator=torch.Generator().manual_seed(7)) * 3).to(DEV).to(torch.bfloat16)
+    assert _launch_shape(2 * 3 * 700, 128)[0] == 32 and _launch_shape(8, 128) == (1, 1)
+    ref, got = quantize_kv(x, spec), quantize_kv_triton(x, spec)
+    assert torch.equal(got.packed, ref.packed) and torch.equal(got.scales.float(), ref.scales.float())
+    assert spec.symmetric or torch.equal(got.zeros, ref.zeros)
+
+
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(symmetric=False), KVSpec(group_size=32, scale_dtype="bf16")])
 @pytest.mark.parametrize("n,pos", [(5, 0), (1, 9), (3, 17)])
 def test_write_into_cache_buffers(spec, n, pos):
