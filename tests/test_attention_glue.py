@@ -64,3 +64,28 @@ def test_kernel_path_over_static_cache():
             outs.append(attention._kernel_forward(mod, q, kp, vp, 32 ** -0.5, mod.fireq_attn, {})[0])
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     assert torch.allclose(outs[0], outs[2], rtol=1e-5, atol=1e-6)
+
+
+def test_post_scales_kept_and_refreshed():
+    """The keys' and queries' post-RoPE multipliers are made once per dtype and group, and made again when the
+    buffer is written in place or replaced: results equal the uncached arithmetic every time."""
+    mod = nn.Module()
+    attention.attach(mod, attention.AttentionQuant(KVSpec(), True), torch.rand(2, 8) + 0.5)
+    k = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    q = torch.randn(1, 4, 3, 8, dtype=torch.bfloat16)
+
+    def plain():
+        s = mod.k_post_scale
+        return k * s.to(k.dtype)[None, :, None, :], q / s.repeat_interleave(2, 0).to(q.dtype)[None, :, None, :]
+
+    for change in (None, "inplace", "replace"):
+        if change == "inplace":
+            with torch.no_grad():
+                mod.k_post_scale.mul_(1.5)
+        elif change == "replace":
+            mod.k_post_scale = torch.rand(2, 8) + 2.0
+        want_k, want_q = plain()
+        assert torch.equal(attention._scale_keys(mod, k), want_k)
+        assert torch.equal(attention._unscale_queries(mod, q), want_q)
+        assert attention._post_scale(mod, mod.k_post_scale, k.dtype, 1) is attention._post_scale(
+            mod, mod.k_post_scale, k.dtype, 1)  # kept between calls

@@ -41,17 +41,28 @@ def attach(attn: nn.Module, aq: AttentionQuant, post_scale: torch.Tensor | None 
         attn.register_buffer("k_post_scale", post_scale.float().contiguous())
 
 
+def _post_scale(attn: nn.Module, s: torch.Tensor, dtype: torch.dtype, rep: int) -> torch.Tensor:
+    """k_post_scale (H_kv, D) as a (1, H_kv * rep, 1, D) multiplier in dtype (rep 1: the keys'; the GQA group:
+    the queries'), made once and kept: a decode step would otherwise cast (and repeat) it in every layer, two or
+    three small kernels. Made again when the buffer is replaced (moved) or written in place (load_state_dict),
+    and never kept while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return s.repeat_interleave(rep, dim=0).to(dtype)[None, :, None, :]
+    memo = attn.__dict__.setdefault("_fireq_post_scale", {})
+    got = memo.get((rep, dtype))
+    if got is None or got[0] is not s or got[1] != s._version:  # (the buffer itself, and its in-place writes)
+        got = memo[(rep, dtype)] = (s, s._version, s.repeat_interleave(rep, dim=0).to(dtype)[None, :, None, :])
+    return got[2]
+
+
 def _scale_keys(attn: nn.Module, key: torch.Tensor) -> torch.Tensor:
     s = getattr(attn, "k_post_scale", None)
-    return key if s is None else key * s.to(key.dtype)[None, :, None, :]
+    return key if s is None else key * _post_scale(attn, s, key.dtype, 1)
 
 
 def _unscale_queries(attn: nn.Module, query: torch.Tensor) -> torch.Tensor:
     s = getattr(attn, "k_post_scale", None)
-    if s is None:
-        return query
-    rep = query.shape[1] // s.shape[0]
-    return query / s.repeat_interleave(rep, dim=0).to(query.dtype)[None, :, None, :]
+    return query if s is None else query / _post_scale(attn, s, query.dtype, query.shape[1] // s.shape[0])
 
 
 def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
