@@ -295,3 +295,15 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: boo
     if plus_one:
         return (y * (1.0 + weight.float())).type_as(x)
     return weight * y.to(x.dtype)
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding as transformers' Llama-family apply_rotary_pos_emb computes it: x * cos + rotate_half(x)
+    * sin in x's dtype, every operation rounded. q (B, Hq, L, D), k (B, Hk, L, D); cos, sin (B or 1, L, D)."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    return q * c + rot(q) * s, k * c + rot(k) * s

@@ -8,6 +8,7 @@ For checking a kernel change (spills, layout conversions, byte loads) before spe
     python scripts/diag_sass.py decode --dump /tmp/decode      # also writes .ttgir, .ptx, .sass there
     DIAG_K_SYM=0 python scripts/diag_sass.py decode            # DIAG_K_<NAME>: a decode constexpr overridden
     python scripts/diag_sass.py gemv --cfg 8,2048,4,1
+    python scripts/diag_sass.py rope                             # the one-launch rotary embedding (no fma)
     python scripts/diag_sass.py swap --prefetch 1                # the GEMM's tiled (SWAP) schedule at M = 16
     DIAG_UNROLL=2 python scripts/diag_sass.py swap               # ... with its K loop unrolled by 2
 
@@ -214,6 +215,18 @@ def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, pr
     return G._w4a8_gemm_kernel.warmup(*args, grid=(1,), **kw)
 
 
+def rope(bh, d, warps, _unused=0, hq=32, hk=8):
+    """_rope_kernel (the one-launch rotary embedding of q and k) as rope_triton launches it at decode: B = 1,
+    one token, BF16, FMA contraction off."""
+    from fireq_kernels import rope as R
+
+    q = torch.empty(1, hq, 1, d, dtype=torch.bfloat16)
+    k = torch.empty(1, hk, 1, d, dtype=torch.bfloat16)
+    cos = torch.empty(1, 1, d, dtype=torch.bfloat16)
+    return R._rope_kernel.warmup(q, k, q, k, cos, cos, hq, hk, 1, *q.stride()[:3], *k.stride()[:3], 0, d, 0, d, D=d,
+                                 BH=bh, BF16_RNE=False, num_warps=warps, enable_fp_fusion=False, grid=(1,))
+
+
 def report(name: str, kernel, top: int = 16) -> str:
     """Print a compiled kernel's resources and the instruction mix of the whole kernel and of its longest
     block; returns its SASS."""
@@ -242,10 +255,11 @@ def setup():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["staged", "decode", "gemv", "swap"])
+    ap.add_argument("kernel", choices=["staged", "decode", "gemv", "swap", "rope"])
     ap.add_argument("--cfg", default=None, help="BM,BN,warps,stages (staged default 64,128,4,2; decode 16,64,1,3); "
                                                   "gemv: BN,BK,warps,stages (default 8,2048,4,1); "
-                                                  "swap: BM,BN,BK,warps,stages (default 16,64,128,4,4)")
+                                                  "swap: BM,BN,BK,warps,stages (default 16,64,128,4,4); "
+                                                  "rope: heads a program,D,warps (default 8,128,4)")
     ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
     ap.add_argument("--no-ks-tma", action="store_true", help="staged: key scales by pointer loads")
     ap.add_argument("--prefetch", type=int, default=None, help="swap: group scales one tile ahead (1) or not (0)")
@@ -254,7 +268,7 @@ def main():
     args = ap.parse_args()
     setup()
     default = {"staged": "64,128,4,2", "decode": "16,64,1,3", "gemv": "8,2048,4,1",
-               "swap": "16,64,128,4,4"}[args.kernel]
+               "swap": "16,64,128,4,4", "rope": "8,128,4"}[args.kernel]
     cfg = tuple(int(x) for x in (args.cfg or default).split(","))
     if args.kernel == "staged":
         k = staged(*cfg, bias=args.bias, ks_tma=not args.no_ks_tma)
@@ -262,9 +276,14 @@ def main():
         k = decode(*cfg)
     elif args.kernel == "swap":
         k = swap(*cfg, prefetch=None if args.prefetch is None else bool(args.prefetch))
+    elif args.kernel == "rope":
+        k = rope(*cfg)
     else:
         k = gemv(*cfg)
     text = report(f"{args.kernel} cfg={cfg}", k, args.top)
+    if args.kernel == "rope":  # every product and sum rounded on its own: no fused multiply-add in the PTX
+        fmas = re.findall(r"\bfma\.", k.asm["ptx"])
+        print(f"ptx fma: {len(fmas)}")
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         for ext in ("ttgir", "ptx"):
