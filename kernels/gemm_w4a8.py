@@ -51,6 +51,10 @@ FP8_MMA_ACC_RTOL = 2.0**-13
 # tiled kernel over the kernel layout: the group scales of each K tile loaded one iteration ahead. Off: no gain
 # on the H200 (decode 1.00x / 0.99x, prefill 0.96x: gemm-prefetch-diag-h200.json, gemm-scales-diag-h200.json)
 GEMM_SCALE_PREFETCH = False
+# attribute of an activation tensor carrying its FP8 per-token quantization (q (R, K), s (R, 1), the tensor's
+# _version then), made by the kernel that produced it (the RMSNorm's): w4a8_linear_triton takes it instead of
+# quantizing again, unless the tensor was written in place since
+FP8_ATTR = "_fireq_fp8"
 
 
 # ----------------------------------------------------------------------------- configs
@@ -767,9 +771,13 @@ def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.T
     quantization, then the GEMM (with its epilogue; residual (..., N or N/2) added last)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    xq, xs = quantize_fp8_rows_triton(x2)
+    pre = getattr(x, FP8_ATTR, None)  # quantized already, by the RMSNorm that made x (fireq.nn.norm)
+    if pre is not None and pre[0].shape == x2.shape and pre[2] == x._version:  # (and not written since)
+        xq, xs = pre[0], pre[1]
+    else:
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        xq, xs = quantize_fp8_rows_triton(x2)
     r2 = None
     if residual is not None:
         r2 = residual.reshape(x2.shape[0], -1)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
+
 
 @triton.jit
 def _bf16_rne(y):
@@ -23,9 +25,24 @@ def _bf16_rne(y):
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr,
-                    PLUS_ONE: tl.constexpr, X_BF16_RNE: tl.constexpr, OUT_BF16_RNE: tl.constexpr):
-    """One program a row: x (R, D) -> out (R, D). *_BF16_RNE: round explicitly (interpreter, BF16)."""
+def _fp8_row(y, q_row, s_ptr, offs, m, EXACT_ROUND: tl.constexpr):
+    """The FP8 per-token quantization of one row held whole (quantize_fp8_rows_triton's one-pass path):
+    s = max(max|y| / 448, FLT_MIN); q = fp8(clamp(y / s, +-448)), IEEE division."""
+    s = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1.1754943508222875e-38)
+    tl.store(s_ptr, s)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(y, s), -448.0), 448.0)
+    if EXACT_ROUND:
+        v = _round_to_fp8_grid(v)
+    tl.store(q_row + offs, v.to(tl.float8e4nv), mask=m)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, q_ptr, s_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr,
+                    PLUS_ONE: tl.constexpr, X_BF16_RNE: tl.constexpr, OUT_BF16_RNE: tl.constexpr,
+                    FP8: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """One program a row: x (R, D) -> out (R, D). *_BF16_RNE: round explicitly (interpreter, BF16).
+    FP8: also the output row (as stored) quantized to FP8 E4M3 per token, q (R, D) with s (R,), exactly as
+    gemm_w4a8.quantize_fp8_rows_triton would quantize out (the next quantized linear's activations)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < D
@@ -41,11 +58,17 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BLOCK: tl
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32) * w
     if OUT_BF16_RNE:
         y = _bf16_rne(y)
-    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + offs, y, mask=m)
+    if FP8:
+        _fp8_row(y.to(tl.float32), q_ptr + row * D, s_ptr + row, offs, m, EXACT_ROUND)
 
 
-def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:
-    """x: (..., D) float; weight: (D,). Output dtype: x's (plus_one) or promote(x, weight) (Llama family)."""
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False,
+                   fp8: bool = False):
+    """x: (..., D) float; weight: (D,). Output dtype: x's (plus_one) or promote(x, weight) (Llama family).
+    fp8: also return the output's FP8 per-token quantization (q (R, D) float8_e4m3fn, s (R, 1) fp32, R the
+    rows of x), equal to quantize_fp8_rows_triton(out) bit for bit: (out, q, s)."""
     d = x.shape[-1]
     if weight.shape != (d,):
         raise ValueError(f"rmsnorm_triton: weight {tuple(weight.shape)} does not match the last dim {d}")
@@ -54,11 +77,15 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: 
         x2 = x2.contiguous()
     dt = x.dtype if plus_one else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty((x2.shape[0], d), dtype=dt, device=x.device)
+    q = torch.empty((x2.shape[0], d), dtype=torch.float8_e4m3fn, device=x.device) if fp8 else out
+    s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device) if fp8 else out
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
         interp = not x.is_cuda
-        _rmsnorm_kernel[(x2.shape[0],)](x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
+        _rmsnorm_kernel[(x2.shape[0],)](x2, weight, out, q, s, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
                                         PLUS_ONE=plus_one, X_BF16_RNE=interp and x.dtype == torch.bfloat16,
-                                        OUT_BF16_RNE=interp and dt == torch.bfloat16,
+                                        OUT_BF16_RNE=interp and dt == torch.bfloat16, FP8=fp8,
+                                        EXACT_ROUND=fp8 and _interpreting(),
                                         num_warps=max(1, min(16, block // 256)))
-    return out.reshape(x.shape)
+    out = out.reshape(x.shape)
+    return (out, q, s) if fp8 else out

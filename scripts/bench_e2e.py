@@ -5,7 +5,8 @@
 Both sides decode with every step one CUDA-graph replay (fireq.nn.graphs.GraphDecoder):
 - bf16: the transformers model in BF16 with SDPA attention over transformers' StaticCache;
 - fireq: the same model with every decoder linear swapped for a QuantLinear (INT4 g128 RTN weights, FP8
-  activations; gate/up fused with SiLU-and-mul by QuantGatedMLP), the one-kernel RMSNorm (FastRMSNorm), the
+  activations; gate/up fused with SiLU-and-mul by QuantGatedMLP), the one-kernel RMSNorm (FastRMSNorm, which
+  also quantizes its output for the linears it feeds), the
   one-launch rotary embedding (fireq.nn.rope.patch_rotary: the BF16 side runs first, unpatched) and
   the INT4 KV cache (the default recipe's format: asymmetric, per token per head), q/k/v as one GEMM
   (fireq.nn.qkv): what fireq.load builds. --no-qkv-fusion leaves q/k/v as three GEMMs.
@@ -74,7 +75,7 @@ def to_fireq(model, group: int = 128, no_qkv: bool = False) -> None:
     from fireq.nn.linear import QuantLinear
     from fireq.nn.mlp import fuse_gated_mlps
     from fireq.nn.qkv import fuse_qkv
-    from fireq.nn.norm import swap_rms_norms
+    from fireq.nn.norm import mark_fp8_norms, swap_rms_norms
     from fireq.nn.rope import patch_rotary
     from fireq.pipeline import set_attention_impl
 
@@ -90,6 +91,7 @@ def to_fireq(model, group: int = 128, no_qkv: bool = False) -> None:
     if not no_qkv:
         fuse_qkv(model)
     swap_rms_norms(model)
+    mark_fp8_norms(model)
     patch_rotary(model)
     set_attention_impl(model)
     torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ from ..models.registry import arch_of, decoder_layers
 from ..nn.linear import QuantLinear, set_prefill_fp8
 from ..nn.mlp import fuse_gated_mlps
 from ..nn.qkv import fuse_qkv
-from ..nn.norm import swap_rms_norms
+from ..nn.norm import mark_fp8_norms, swap_rms_norms
 from ..nn.rope import patch_rotary
 from .format import FORMAT_VERSION, QUANT_METHOD
 
@@ -67,6 +67,7 @@ def swap_modules(model: nn.Module, qc: dict, dtype: torch.dtype) -> None:
     fuse_gated_mlps(model)  # gate/up as one GEMM with the activation in its epilogue, on the GPU
     fuse_qkv(model)  # q/k/v as one GEMM on the GPU
     swap_rms_norms(model)  # one Triton kernel an RMSNorm on the GPU
+    mark_fp8_norms(model)  # ... which also quantizes its output for the quantized linears it feeds
     patch_rotary(model)  # the rotary embedding of q and k as one Triton launch on the GPU
     kv = qc["kv_cache"]
     aq = attention.AttentionQuant(KVSpec(kv["bits"], kv["group_size"], kv["symmetric"], kv["scale_dtype"]),

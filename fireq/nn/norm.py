@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fireq_kernels.gemm_w4a8 import FP8_ATTR
 from fireq_kernels.reference import rmsnorm_ref
 
 
@@ -19,11 +20,20 @@ class FastRMSNorm(nn.Module):
         self.weight = weight
         self.eps = eps
         self.plus_one = plus_one
+        # set by mark_fp8_norms where the output feeds FP8-quantized linears: on an FP8 GPU the kernel also
+        # writes the output's FP8 per-token quantization and hangs it on the output (attribute FP8_ATTR), which
+        # w4a8_linear_triton then uses instead of quantizing the same tensor again
+        self.emit_fp8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not torch.compiler.is_compiling():
+            from fireq_kernels.ops import triton_fp8_capable
             from fireq_kernels.rmsnorm import rmsnorm_triton
 
+            if self.emit_fp8 and x.dtype in (torch.bfloat16, torch.float16) and triton_fp8_capable(x.device):
+                out, q, s = rmsnorm_triton(x, self.weight, self.eps, self.plus_one, fp8=True)
+                setattr(out, FP8_ATTR, (q, s, out._version))
+                return out
             return rmsnorm_triton(x, self.weight, self.eps, self.plus_one)
         return rmsnorm_ref(x, self.weight, self.eps, self.plus_one)
 
@@ -78,4 +88,26 @@ def swap_rms_norms(model: nn.Module) -> int:
                     setattr(parent, name, fast)
                     n += 1
                     break
+    return n
+
+
+def mark_fp8_norms(model: nn.Module) -> int:
+    """Have the FastRMSNorms whose outputs feed a layer's quantized linears with FP8 activations (the input
+    norm before q/k/v; before the MLP, pre_feedforward_layernorm where the layer has one (Gemma), else
+    post_attention_layernorm) emit their outputs' FP8 quantization. Returns how many were marked."""
+    from ..models.registry import decoder_layers
+    from .linear import QuantLinear
+
+    def act_quant(m: nn.Module | None) -> bool:
+        return m is not None and any(isinstance(c, QuantLinear) and c.act_quant for c in m.modules())
+
+    n = 0
+    for layer in decoder_layers(model):
+        mlp_norm = "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else \
+            "post_attention_layernorm"
+        for name, consumer in (("input_layernorm", "self_attn"), (mlp_norm, "mlp")):
+            norm = getattr(layer, name, None)
+            if isinstance(norm, FastRMSNorm) and act_quant(getattr(layer, consumer, None)):
+                norm.emit_fp8 = True
+                n += 1
     return n
