@@ -130,3 +130,39 @@ def decode_gemm_operands(dev: str, m: int, n: int, k: int, group: int = 128, blo
     w = repack_half(qw.qweight, k, block).to(dev)
     xq, xs = quantize_fp8_rows_triton(torch.randn(m, k, generator=g).to(dev))
     return xq, xs, w, (None, qw.scales.to(dev), qw.log2_multiplier)
+
+
+def same_output(a, b, label: str) -> None:
+    """Print the largest difference of two kernel outputs under label and require them equal bit for bit."""
+    import torch
+
+    print(f"{label}: max |difference| {(a.float() - b.float()).abs().max().item():.1e}")
+    assert torch.equal(a, b), label
+
+
+def gemm_bench_setup() -> dict:
+    """The GEMM diags' bench prologue: this GPU's tuned configs loaded (reported), the environment returned."""
+    from fireq_kernels.gemm_w4a8 import load_tuned
+
+    print(f"tuned configs loaded: {load_tuned()}", flush=True)
+    return env_info()
+
+
+def kernel_layout_weights(n: int, k: int, l2_bytes: int | None, block: int = 128) -> list[tuple]:
+    """int4_weight_copies(n, k) with each copy's weights also in the kernel layout of `block`-channel blocks:
+    [(packed, (qweight, scales, log2 multiplier)), ...]."""
+    from fireq_kernels.gemm_w4a8 import repack_half
+
+    return [(repack_half(w[0], k, block), w) for w in int4_weight_copies(n, k, l2_bytes)]
+
+
+def finish(path: str, env: dict, rows: list[dict], summary: dict, cols: list[str], **extra) -> None:
+    """A diag's end: its table (cols) and summary printed, the JSON (env, rows, summary, extra) written."""
+    print(table(rows, cols))
+    print(summary)
+    write_json(path, dict(env=env, rows=rows, summary=summary, **extra))
+
+
+def diag_main(check, bench) -> None:
+    """The command line of a diag with no options of its own: --check, --json FILE."""
+    check_then_bench(diag_parser().parse_args(), check, bench)

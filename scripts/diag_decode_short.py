@@ -84,7 +84,7 @@ def check(dev):
 def bench(path, ls=LS, bs=BS, syms=(False, True)):
     import torch.nn.functional as F
 
-    from _bench_util import bench_graph, copies_for, env_info, geomean, table, write_json
+    from _bench_util import bench_graph, copies_for, env_info, finish, geomean
 
     env = env_info()
     rows = []
@@ -115,9 +115,8 @@ def bench(path, ls=LS, bs=BS, syms=(False, True)):
     summary = {"gain": geomean([r["gain"] for r in rows]),
                "default_vs_sdpa": geomean([r["default_vs_sdpa"] for r in rows]),
                "best_vs_sdpa": geomean([r["best_vs_sdpa"] for r in rows])}
-    print(table(rows, ["sym", "L", "B", "sdpa_us", "default_us", "best_us", "best_cfg", "gain", "best_vs_sdpa"]))
-    print(summary)
-    write_json(path, dict(env=env, rows=rows, summary=summary))
+    finish(path, env, rows, summary, ["sym", "L", "B", "sdpa_us", "default_us", "best_us", "best_cfg", "gain",
+                                      "best_vs_sdpa"])
 
 
 def main():

@@ -40,28 +40,25 @@ def _gemm(prefetch, xq, xs, w, qw, cfg, lb=128):
 
 
 def check(dev):
-    from _bench_util import decode_gemm_operands
+    from _bench_util import decode_gemm_operands, same_output
 
     small = dev == "cpu"
     for m, n, k in ((5, 64, 640), (16, 96, 384)) if small else ((16, 4096, 4096), (256, 6144, 4096)):
         xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
         cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=2, GROUP_M=8, num_warps=4,
                    num_stages=2 if small else 4)
-        a, b = _gemm(False, xq, xs, w, qwt, cfg), _gemm(True, xq, xs, w, qwt, cfg)
-        print(f"M={m} N={n} K={k}: max |on - off| {(a.float() - b.float()).abs().max().item():.1e}")
-        assert torch.equal(a, b)
+        same_output(_gemm(False, xq, xs, w, qwt, cfg), _gemm(True, xq, xs, w, qwt, cfg), f"M={m} N={n} K={k}, on vs off")
 
 
 def bench(path):
-    from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
-    from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
+    from _bench_util import bench_graph, copies_for, finish, gemm_bench_setup, geomean, kernel_layout_weights
+    from fireq_kernels.gemm_w4a8 import pick_config, quantize_fp8_rows_triton
 
-    print(f"tuned configs loaded: {load_tuned()}", flush=True)
-    env = env_info()
+    env = gemm_bench_setup()
     rows = []
     for n, k in SHAPES:
-        wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
-        kern = [repack_half(q, k, 128) for q, _, _ in wsets]
+        kw = kernel_layout_weights(n, k, env.get("l2_bytes"))
+        kern, wsets = [p for p, _ in kw], [w for _, w in kw]
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(len(wsets), 4))]
         for m in MS:
             cfg = pick_config(m, n, k, 128)
@@ -81,20 +78,18 @@ def bench(path):
             rows.append(dict(N=n, K=k, M=m, off_us=t_off * 1e3, on_us=t_on * 1e3, gain=t_off / t_on,
                              off_vs_bf16=t_bf16 / t_off, on_vs_bf16=t_bf16 / t_on, config=cfg))
             print(rows[-1], flush=True)
-        del wsets, kern, wb
+        del kw, wsets, kern, wb
         torch.cuda.empty_cache()
     summary = {"gain_decode": geomean([r["gain"] for r in rows if r["M"] <= 16]),
                "gain_prefill": geomean([r["gain"] for r in rows if r["M"] >= 4096]),
                "gain_all": geomean([r["gain"] for r in rows])}
-    print(table(rows, ["N", "K", "M", "off_us", "on_us", "gain", "off_vs_bf16", "on_vs_bf16"]))
-    print(summary)
-    write_json(path, dict(env=env, rows=rows, summary=summary))
+    finish(path, env, rows, summary, ["N", "K", "M", "off_us", "on_us", "gain", "off_vs_bf16", "on_vs_bf16"])
 
 
 def main():
-    from _bench_util import check_then_bench, diag_parser
+    from _bench_util import diag_main
 
-    check_then_bench(diag_parser().parse_args(), check, bench)
+    diag_main(check, bench)
 
 
 if __name__ == "__main__":

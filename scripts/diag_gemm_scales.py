@@ -48,7 +48,7 @@ def _gemm(variant, xq, xs, w, qw, cfg, lb=128):
 
 
 def check(dev):
-    from _bench_util import decode_gemm_operands
+    from _bench_util import decode_gemm_operands, same_output
 
     small = dev == "cpu"
     for m, n, k, split, u in ((3, 64, 1024, 2, 2), (16, 96, 640, 1, 1), (5, 64, 896, 3, 1)) if small else \
@@ -56,21 +56,19 @@ def check(dev):
         xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
         cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4,
                    num_stages=2 if small else 3, UNROLL=u)
-        a, b = _gemm("off", xq, xs, w, qwt, cfg), _gemm("prefetch", xq, xs, w, qwt, cfg)
-        print(f"M={m} N={n} K={k} split {split}: max |prefetch - off| {(a.float() - b.float()).abs().max().item():.1e}")
-        assert torch.equal(a, b)
+        same_output(_gemm("off", xq, xs, w, qwt, cfg), _gemm("prefetch", xq, xs, w, qwt, cfg),
+                    f"M={m} N={n} K={k} split {split}, prefetch vs off")
 
 
 def bench(path):
-    from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
-    from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
+    from _bench_util import bench_graph, copies_for, finish, gemm_bench_setup, geomean, kernel_layout_weights
+    from fireq_kernels.gemm_w4a8 import pick_config, quantize_fp8_rows_triton
 
-    print(f"tuned configs loaded: {load_tuned()}", flush=True)
-    env = env_info()
+    env = gemm_bench_setup()
     rows = []
     for n, k in SHAPES:
-        wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
-        kern = [repack_half(q, k, 128) for q, _, _ in wsets]
+        kw = kernel_layout_weights(n, k, env.get("l2_bytes"))
+        kern, wsets = [p for p, _ in kw], [w for _, w in kw]
         w8 = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies_for(n * k,
                                                                                                   env.get("l2_bytes")))]
         one = torch.ones((), device="cuda")
@@ -98,20 +96,18 @@ def bench(path):
                 row["off_vs_fp8"] = t_fp8 / row["off_us"]
                 rows.append(row)
                 print(row, flush=True)
-        del wsets, kern, w8
+        del kw, wsets, kern, w8
         torch.cuda.empty_cache()
     swap = [r for r in rows if "channel_us" in r]
     summary = {f"{v}_gain": geomean([r[f"{v}_gain"] for r in swap]) for v in VARIANTS[1:]}
-    print(table(rows, ["N", "K", "M", "fp8_us", "off_us", "prefetch_us", "channel_us", "prefetch_gain",
-                       "channel_gain"]))
-    print(summary)
-    write_json(path, dict(env=env, rows=rows, summary=summary))
+    finish(path, env, rows, summary, ["N", "K", "M", "fp8_us", "off_us", "prefetch_us", "channel_us", "prefetch_gain",
+                                      "channel_gain"])
 
 
 def main():
-    from _bench_util import check_then_bench, diag_parser
+    from _bench_util import diag_main
 
-    check_then_bench(diag_parser().parse_args(), check, bench)
+    diag_main(check, bench)
 
 
 if __name__ == "__main__":

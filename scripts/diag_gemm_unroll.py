@@ -73,15 +73,14 @@ def check(dev):
 
 
 def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
-    from _bench_util import bench_graph, copies_for, env_info, geomean, int4_weight_copies, table, write_json
-    from fireq_kernels.gemm_w4a8 import load_tuned, pick_config, quantize_fp8_rows_triton, repack_half
+    from _bench_util import bench_graph, copies_for, finish, gemm_bench_setup, geomean, kernel_layout_weights
+    from fireq_kernels.gemm_w4a8 import pick_config, quantize_fp8_rows_triton
 
-    print(f"tuned configs loaded: {load_tuned()}", flush=True)
-    env = env_info()
+    env = gemm_bench_setup()
     rows = []
     for n, k in shapes:
-        wsets = int4_weight_copies(n, k, env.get("l2_bytes"))
-        kern = [repack_half(q, k, 128) for q, _, _ in wsets]
+        kw = kernel_layout_weights(n, k, env.get("l2_bytes"))
+        kern, wsets = [p for p, _ in kw], [w for _, w in kw]
         nb = copies_for(n * k * 2, env.get("l2_bytes"), max_sets=4)
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
         w8 = [t.to(torch.float8_e4m3fn) for t in wb]
@@ -124,7 +123,7 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
                        sweep=[dict(us=t, **c) for t, c in allt])
             rows.append(row)
             print({kk: v for kk, v in row.items() if kk != "sweep"}, flush=True)
-        del wsets, kern, wb, w8
+        del kw, wsets, kern, wb, w8
         torch.cuda.empty_cache()
     summary = {"gain_vs_u1": geomean([r["gain_vs_u1"] for r in rows]),
                "sweep_gain_vs_tuned": geomean([r["sweep_gain_vs_tuned"] for r in rows]),
@@ -132,10 +131,8 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
                "tuned_vs_fp8": geomean([r["tuned_vs_fp8"] for r in rows]),
                "best_vs_fp8": geomean([r["best_vs_fp8"] for r in rows]),
                "best_vs_bf16": geomean([r["best_vs_bf16"] for r in rows])}
-    print(table(rows, ["N", "K", "M", "bf16_us", "fp8_us", "tuned_us"] + [f"u{u}_us" for u in unrolls]
-                + ["best_us", "sweep_gain_vs_tuned", "best_vs_fp8"]))
-    print(summary)
-    write_json(path, dict(env=env, rows=rows, summary=summary))
+    finish(path, env, rows, summary, ["N", "K", "M", "bf16_us", "fp8_us", "tuned_us"] + [f"u{u}_us" for u in unrolls]
+           + ["best_us", "sweep_gain_vs_tuned", "best_vs_fp8"])
 
 
 def main():
