@@ -166,3 +166,22 @@ def finish(path: str, env: dict, rows: list[dict], summary: dict, cols: list[str
 def diag_main(check, bench) -> None:
     """The command line of a diag with no options of its own: --check, --json FILE."""
     check_then_bench(diag_parser().parse_args(), check, bench)
+
+
+def gemm_kernel_layout(xq, xq_scale, w, qw, cfg: dict, prefetch: bool = False, per_channel: bool = False,
+                       block: int = 128):
+    """The W4A8 GEMM of the GEMM diags: FP8 x with its scales, weights w in the kernel layout of `block`-channel
+    blocks with qw = (qweight, scales, log2 multiplier) from int4_weight_copies / decode_gemm_operands, group 128,
+    one config; BF16 out on the GPU (FP32 under the interpreter). prefetch: GEMM_SCALE_PREFETCH on for this call;
+    per_channel: the first group's scales as per-channel ones (a bound with no group-scale loads)."""
+    import torch
+
+    import fireq_kernels.gemm_w4a8 as G
+
+    out = torch.bfloat16 if xq.is_cuda else torch.float32
+    scales, group = (qw[1][:, :1].contiguous(), -1) if per_channel else (qw[1], 128)
+    G.GEMM_SCALE_PREFETCH = prefetch
+    try:
+        return G.w4a8_gemm_triton(xq, xq_scale, w, scales, qw[2], group, None, out, config=cfg, layout_block=block)
+    finally:
+        G.GEMM_SCALE_PREFETCH = False

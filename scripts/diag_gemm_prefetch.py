@@ -28,15 +28,10 @@ MS = (4, 16, 64, 256, 4096)
 PAIRS = 3
 
 
-def _gemm(prefetch, xq, xs, w, qw, cfg, lb=128):
-    import fireq_kernels.gemm_w4a8 as G
+def _gemm(prefetch, xq, xs, w, qw, cfg):
+    from _bench_util import gemm_kernel_layout
 
-    G.GEMM_SCALE_PREFETCH = prefetch
-    try:
-        return G.w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
-                                  config=cfg, layout_block=lb)
-    finally:
-        G.GEMM_SCALE_PREFETCH = False
+    return gemm_kernel_layout(xq, xs, w, qw, cfg, prefetch=prefetch)
 
 
 def check(dev):

@@ -33,18 +33,10 @@ MS = (1, 4, 16)
 VARIANTS = ("off", "prefetch", "channel")
 
 
-def _gemm(variant, xq, xs, w, qw, cfg, lb=128):
-    import fireq_kernels.gemm_w4a8 as G
+def _gemm(variant, xq, xs, w, qw, cfg):
+    from _bench_util import gemm_kernel_layout
 
-    G.GEMM_SCALE_PREFETCH = variant == "prefetch"
-    try:
-        if variant == "channel":
-            return G.w4a8_gemm_triton(xq, xs, w, qw[1][:, :1].contiguous(), qw[2], -1, None,
-                                      torch.bfloat16 if xq.is_cuda else torch.float32, config=cfg, layout_block=lb)
-        return G.w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
-                                  config=cfg, layout_block=lb)
-    finally:
-        G.GEMM_SCALE_PREFETCH = False
+    return gemm_kernel_layout(xq, xs, w, qw, cfg, prefetch=variant == "prefetch", per_channel=variant == "channel")
 
 
 def check(dev):

@@ -32,11 +32,10 @@ MS = (1, 4, 16)
 UNROLLS = (1, 2, 4)
 
 
-def _gemm(xq, xs, w, qw, cfg, lb=128):
-    from fireq_kernels.gemm_w4a8 import w4a8_gemm_triton
+def _gemm(xq, xs, w, qw, cfg):
+    from _bench_util import gemm_kernel_layout
 
-    return w4a8_gemm_triton(xq, xs, w, qw[1], qw[2], 128, None, torch.bfloat16 if xq.is_cuda else torch.float32,
-                            config=cfg, layout_block=lb)
+    return gemm_kernel_layout(xq, xs, w, qw, cfg)
 
 
 def sweep(k: int, small: bool = False, stages=(3, 4), unrolls=UNROLLS) -> list[dict]:

@@ -229,8 +229,8 @@ def _make_layer_class():
             self.max_len = max_len
             self._len_dev: torch.Tensor | None = None
             # the attention kernel's (B,) int32 key lengths, kept in step with _len_dev (one in-place add a
-            # step instead of a cast, an expand copy and a fill in every layer's attention call), and its query
-            # lengths by (B, new tokens)
+            # step instead of a cast, an expand copy and a fill in every layer's attention call), and its decode
+            # query lengths (ones) by batch size
             self._lens32: torch.Tensor | None = None
             self._lq32: dict = {}
 
@@ -302,12 +302,15 @@ def _make_layer_class():
                 self._lens32 = self._len_dev.to(torch.int32).expand(b).contiguous()
             else:
                 self._lens32.add_(n)
-            if (b, n) not in self._lq32:
-                self._lq32[(b, n)] = torch.full((b,), n, dtype=torch.int32, device=key_states.device)
+            lq32 = self._lq32.get((b, n))
+            if lq32 is None:  # kept for decode (n = 1: a captured step reads it); a prompt's made afresh
+                lq32 = torch.full((b,), n, dtype=torch.int32, device=key_states.device)
+                if n == 1:
+                    self._lq32[(b, n)] = lq32
             k = key_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
             v = value_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
             setattr(k, _PACKED, (self._buf[0], self._buf[1]))
-            setattr(k, _LENS, (self._len_dev, self.cumulative_length, self._lens32, self._lq32[(b, n)]))
+            setattr(k, _LENS, (self._len_dev, self.cumulative_length, self._lens32, lq32))
             return k, v
 
         def update(self, key_states, value_states, *args, **kwargs):
