@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4cvt import nibbles_f16, nibbles_fp8, nibbles_fp8_scaled, use_asm
+from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 # tiled kernel over the kernel layout: x and weight tiles by tensor-memory descriptors on sm_90+
@@ -51,8 +51,6 @@ FP8_MMA_ACC_RTOL = 2.0**-13
 # tiled kernel over the kernel layout: the group scales of each K tile loaded one iteration ahead. Off: no gain
 # on the H200 (decode 1.00x / 0.99x, prefill 0.96x: gemm-prefetch-diag-h200.json, gemm-scales-diag-h200.json)
 GEMM_SCALE_PREFETCH = False
-# FOLD mode (w4a8_gemm_triton(fold=...)): K tiles whose FP8 MMAs chain before their sum joins the FP32 accumulator
-FOLD_CHAIN = 1
 # attribute of an activation tensor carrying its FP8 per-token quantization (q (R, K), s (R, 1), the tensor's
 # _version then), made by the kernel that produced it (the RMSNorm's): w4a8_linear_triton takes it instead of
 # quantizing again, unless the tensor was written in place since
@@ -212,7 +210,7 @@ def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl
 
 @triton.jit
 def _w4a8_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, rf_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
     M, N, K, inv_mult, inv_mult2,
     stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -220,7 +218,6 @@ def _w4a8_gemm_kernel(
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
     PERSIST: tl.constexpr, TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-    FOLD: tl.constexpr = 0,
 ):
     """x: (M, K) fp8; xs: (M,) fp32; w: (N, ceil(K/2)) uint8; ws: (N, G) fp8/bf16; b: (N,);
     out: (M, N) out dtype, or (SPLIT_K, M, N) fp32 partials when SPLIT_K > 1 (summed in a fixed
@@ -230,47 +227,27 @@ def _w4a8_gemm_kernel(
     if PERSIST > 0:  # persistent: PERSIST programs walk the output tiles (SPLIT_K == 1)
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
         for tile in range(tl.program_id(0), num_tiles, PERSIST):
-            _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, rf_ptr, M, N, K,
+            _gemm_tile(tile, 0, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K,
                 inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, GROUP, PER_CHANNEL,
                 HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16, FUSED_SPLITK, HALF, ASM,
-                EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL, FOLD)
+                EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL)
     else:
         _gemm_tile(tl.program_id(0), tl.program_id(1), x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
-            cnt_ptr, r_ptr, rf_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
+            cnt_ptr, r_ptr, M, N, K, inv_mult, inv_mult2, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
             GROUP, PER_CHANNEL, HAS_BIAS, BM, BN, BK, SPLIT_K, GROUP_M, SWAP, UNPACK_DUP, PRECISE_ACC, DEQ16,
-            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL, FOLD)
-
-
-@triton.jit
-def _fold_tile(x_base, w_base, rs_ptr, offs_n, offs_kh, mask_m, mask_n, stride_rn, K, k0, acc,
-               GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
-    """One K tile of the FOLD mode (kernel layout): codes -> fp8(fp16(q ratio)) with the tile's group ratio
-    (rs_ptr (N, G) fp16), two FP8 MMAs chained onto acc."""
-    ka = k0 + offs_kh
-    xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
-    xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K), other=0.0)
-    wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
-    rr = tl.load(rs_ptr + offs_n * stride_rn + k0 // GROUP, mask=mask_n, other=0.0)
-    wa, wz = nibbles_fp8_scaled(wb, tl.broadcast_to(rr[:, None], (BN, BK // 2)), ASM)
-    if SWAP:
-        acc = tl.dot(wa, tl.trans(xa), acc)
-        acc = tl.dot(wz, tl.trans(xb), acc)
-    else:
-        acc = tl.dot(xa, tl.trans(wa), acc)
-        acc = tl.dot(xb, tl.trans(wz), acc)
-    return acc
+            FUSED_SPLITK, HALF, ASM, EPI, HAS_RES, TMA, SCALE_PREFETCH, UNROLL)
 
 
 @triton.jit
 def _gemm_tile(
-    pid, pid_k, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, rf_ptr,
+    pid, pid_k, x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr,
     M, N, K, inv_mult, inv_mult2,
     stride_xm, stride_wn, stride_wsn, stride_om, stride_rm,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, UNPACK_DUP: tl.constexpr, PRECISE_ACC: tl.constexpr, DEQ16: tl.constexpr,
     FUSED_SPLITK: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, EPI: tl.constexpr, HAS_RES: tl.constexpr,
-    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr, FOLD: tl.constexpr,
+    TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One output tile (pid) and K split (pid_k) of _w4a8_gemm_kernel. TMA (kernel layout only): x_ptr and
     w_ptr are tensor descriptors with blocks (BM, BK/2) and (BN, BK/2); zeros past M, N and K.
@@ -306,121 +283,101 @@ def _gemm_tile(
     if not TMA:
         x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         w_base = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    PREFETCH: tl.constexpr = SCALE_PREFETCH and HALF and not PER_CHANNEL and not FOLD
+    PREFETCH: tl.constexpr = SCALE_PREFETCH and HALF and not PER_CHANNEL
     if PREFETCH:  # (the tile index as a vector: the interpreter takes no scalar in a load's mask)
         tv = t0 + 0 * offs_n
         sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
-    if FOLD > 0:
-        # the group ratio folded into the FP8 weights (kernel layout, not TMA): the products chain through
-        # the MMAs, FOLD tiles (4 FP8 MMA steps each) before each sum is added to the FP32 accumulator (Hopper
-        # keeps about 14 bits in an MMA chain); FOLD >= 64: one chain over the split's K
-        CH: tl.constexpr = 1 if FOLD >= 64 else FOLD
-        for t in tl.range(t0, t1, CH, loop_unroll_factor=UNROLL):
-            if FOLD >= 64:
-                acc = _fold_tile(x_base, w_base, ws_ptr, offs_n, offs_kh, mask_m, mask_n, stride_wsn, K, t * BK, acc,
-                                 GROUP, BN, BK, SWAP, ASM)
+    for t in tl.range(t0, t1, loop_unroll_factor=UNROLL):
+        k0 = t * BK
+        if PREFETCH:
+            sg_t = sg_n
+            tv = t + 1 + 0 * offs_n
+            sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
+        if HALF:
+            # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
+            # k0 + BK/2 + j (high nibble); rows padded with zero codes to whole tiles. Two MMAs over the
+            # halves of the tile, no register interleave.
+            if TMA:
+                xa = x_ptr.load([pid_m * BM, k0])
+                xb = x_ptr.load([pid_m * BM, k0 + BK // 2])
+                wb = w_ptr.load([pid_n * BN, k0 // 2])
             else:
-                part = _fold_tile(x_base, w_base, ws_ptr, offs_n, offs_kh, mask_m, mask_n, stride_wsn, K, t * BK,
-                                  tl.zeros_like(acc), GROUP, BN, BK, SWAP, ASM)
-                for j in tl.static_range(1, CH):
-                    part = _fold_tile(x_base, w_base, ws_ptr, offs_n, offs_kh, mask_m, mask_n, stride_wsn, K,
-                                      (t + j) * BK, part, GROUP, BN, BK, SWAP, ASM)
+                ka = k0 + offs_kh
+                xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
+                xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
+                             other=0.0)
+                wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
+            wa, wz = nibbles_fp8(wb, wb, True, False, ASM)
+            if SWAP:
+                part = tl.dot(wa, tl.trans(xa))
+                part = tl.dot(wz, tl.trans(xb), part)
+            else:
+                part = tl.dot(xa, tl.trans(wa))
+                part = tl.dot(xb, tl.trans(wz), part)
+            if PER_CHANNEL:
                 acc += part
-    else:
-        for t in tl.range(t0, t1, loop_unroll_factor=UNROLL):
-            k0 = t * BK
-            if PREFETCH:
-                sg_t = sg_n
-                tv = t + 1 + 0 * offs_n
-                sg_n = tl.load(ws_ptr + offs_n * stride_wsn + (tv * BK) // GROUP, mask=mask_n & (tv < t1), other=0.0)
-            if HALF:
-                # kernel layout (repack_half): byte j of this K tile holds k0 + j (low nibble) and
-                # k0 + BK/2 + j (high nibble); rows padded with zero codes to whole tiles. Two MMAs over the
-                # halves of the tile, no register interleave.
-                if TMA:
-                    xa = x_ptr.load([pid_m * BM, k0])
-                    xb = x_ptr.load([pid_m * BM, k0 + BK // 2])
-                    wb = w_ptr.load([pid_n * BN, k0 // 2])
-                else:
-                    ka = k0 + offs_kh
-                    xa = tl.load(x_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0.0)
-                    xb = tl.load(x_base + (ka + BK // 2)[None, :], mask=mask_m[:, None] & (ka[None, :] + BK // 2 < K),
-                                 other=0.0)
-                    wb = tl.load(w_base + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
-                wa, wz = nibbles_fp8(wb, wb, True, False, ASM)
-                if SWAP:
-                    part = tl.dot(wa, tl.trans(xa))
-                    part = tl.dot(wz, tl.trans(xb), part)
-                else:
-                    part = tl.dot(xa, tl.trans(wa))
-                    part = tl.dot(xb, tl.trans(wz), part)
-                if PER_CHANNEL:
-                    acc += part
-                else:
-                    if PREFETCH:
-                        sg = sg_t.to(tl.float32)
-                    else:
-                        sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n,
-                                     other=0.0).to(tl.float32)
-                    if SWAP:
-                        acc += part * sg[:, None]
-                    else:
-                        acc += part * sg[None, :]
             else:
-                kk = k0 + offs_k
-                x = tl.load(x_base + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-                if UNPACK_DUP:
-                    # each byte loaded for both of its k (the duplicate hits L1); the nibble is picked by a
-                    # per-column shift: no register shuffles
-                    wb = tl.load(w_base + (kk // 2)[None, :], mask=mask_n[:, None] & (kk[None, :] < K), other=0)
-                    wi = wb.to(tl.int8, bitcast=True)
-                    w = (wi << ((1 - (kk % 2)) * 4).to(tl.int8)[None, :]) >> 4
+                if PREFETCH:
+                    sg = sg_t.to(tl.float32)
                 else:
-                    kh = k0 // 2 + offs_kh
-                    wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
-                    wi = wb.to(tl.int8, bitcast=True)
-                    lo = (wi << 4) >> 4
-                    hi = wi >> 4
-                    w = tl.join(lo, hi).reshape(BN, BK)
-                if DEQ16:
-                    # q * s is exact in fp16 (<= 7 significant bits for FP8 scales), as is the fp8 x: the group
-                    # scale rides on the operand and the MMA chain accumulates straight into acc (fp16 MMA)
-                    w16 = w.to(tl.float16)
-                    if not PER_CHANNEL:
-                        s16 = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float16)
-                        w16 = w16 * s16[:, None]
-                    if SWAP:
-                        acc = tl.dot(w16, tl.trans(x.to(tl.float16)), acc)
-                    else:
-                        acc = tl.dot(x.to(tl.float16), tl.trans(w16), acc)
-                elif PER_CHANNEL:
-                    w8 = w.to(tl.float16).to(tl.float8e4nv)
-                    if SWAP:
-                        acc = tl.dot(w8, tl.trans(x), acc, max_num_imprecise_acc=PRECISE_ACC)
-                    else:
-                        acc = tl.dot(x, tl.trans(w8), acc, max_num_imprecise_acc=PRECISE_ACC)
+                    sg = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+                if SWAP:
+                    acc += part * sg[:, None]
                 else:
-                    w8 = w.to(tl.float16).to(tl.float8e4nv)
-                    if SWAP:
-                        part = tl.dot(w8, tl.trans(x), max_num_imprecise_acc=PRECISE_ACC)
-                    else:
-                        part = tl.dot(x, tl.trans(w8), max_num_imprecise_acc=PRECISE_ACC)
-                    s = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-                    if SWAP:
-                        acc += part * s[:, None]
-                    else:
-                        acc += part * s[None, :]
+                    acc += part * sg[None, :]
+        else:
+            kk = k0 + offs_k
+            x = tl.load(x_base + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+            if UNPACK_DUP:
+                # each byte loaded for both of its k (the duplicate hits L1); the nibble is picked by a
+                # per-column shift: no register shuffles
+                wb = tl.load(w_base + (kk // 2)[None, :], mask=mask_n[:, None] & (kk[None, :] < K), other=0)
+                wi = wb.to(tl.int8, bitcast=True)
+                w = (wi << ((1 - (kk % 2)) * 4).to(tl.int8)[None, :]) >> 4
+            else:
+                kh = k0 // 2 + offs_kh
+                wb = tl.load(w_base + kh[None, :], mask=mask_n[:, None] & (kh[None, :] < KH), other=0)
+                wi = wb.to(tl.int8, bitcast=True)
+                lo = (wi << 4) >> 4
+                hi = wi >> 4
+                w = tl.join(lo, hi).reshape(BN, BK)
+            if DEQ16:
+                # q * s is exact in fp16 (<= 7 significant bits for FP8 scales), as is the fp8 x: the group
+                # scale rides on the operand and the MMA chain accumulates straight into acc (fp16 MMA)
+                w16 = w.to(tl.float16)
+                if not PER_CHANNEL:
+                    s16 = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float16)
+                    w16 = w16 * s16[:, None]
+                if SWAP:
+                    acc = tl.dot(w16, tl.trans(x.to(tl.float16)), acc)
+                else:
+                    acc = tl.dot(x.to(tl.float16), tl.trans(w16), acc)
+            elif PER_CHANNEL:
+                w8 = w.to(tl.float16).to(tl.float8e4nv)
+                if SWAP:
+                    acc = tl.dot(w8, tl.trans(x), acc, max_num_imprecise_acc=PRECISE_ACC)
+                else:
+                    acc = tl.dot(x, tl.trans(w8), acc, max_num_imprecise_acc=PRECISE_ACC)
+            else:
+                w8 = w.to(tl.float16).to(tl.float8e4nv)
+                if SWAP:
+                    part = tl.dot(w8, tl.trans(x), max_num_imprecise_acc=PRECISE_ACC)
+                else:
+                    part = tl.dot(x, tl.trans(w8), max_num_imprecise_acc=PRECISE_ACC)
+                s = tl.load(ws_ptr + offs_n * stride_wsn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+                if SWAP:
+                    acc += part * s[:, None]
+                else:
+                    acc += part * s[None, :]
 
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
     if EPI == 0:
         xs = xs * inv_mult
-    if FOLD:
-        sn = tl.load(rf_ptr + offs_n, mask=mask_n, other=0.0)
-    elif PER_CHANNEL:
+    if PER_CHANNEL:
         sn = tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
     if SWAP:
         acc = acc * xs[None, :]
-        if PER_CHANNEL or FOLD:
+        if PER_CHANNEL:
             acc = acc * sn[:, None]
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -429,7 +386,7 @@ def _gemm_tile(
         msk = mask_m[None, :] & mask_n[:, None]
     else:
         acc = acc * xs[:, None]
-        if PER_CHANNEL or FOLD:
+        if PER_CHANNEL:
             acc = acc * sn[None, :]
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -671,8 +628,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
                      log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
                      out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
                      layout_block: int = 0, epilogue: str | None = None, log2_multiplier2: int | None = None,
-                     residual: torch.Tensor | None = None,
-                     fold: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """See reference.w4a8_gemm_ref. xq: (M, K) fp8; x_scale: (M, 1) fp32; qweight: (N, ceil(K/2)) uint8
     in the checkpoint layout, or with layout_block > 0 the kernel layout of repack_half(qweight, K,
     layout_block) (N, ceil(K / layout_block) * layout_block / 2); w_scales: (N, G) fp8/bf16; bias: (N,)
@@ -680,12 +636,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
 
     epilogue "silu_mul" / "gelu_tanh_mul": qweight's rows alternate gate and up channels
     (interleave_gate_up), the gate rows' multiplier is 2^log2_multiplier and the up rows'
-    2^log2_multiplier2; the result is act(gate) * up, (M, N/2). residual: (M, N or N/2), added last.
-
-    fold (kernel layout, group scales, tiled schedule): (ratio (N, G) fp16, row_scale (N,) fp32) of
-    w4_fp8.fold_factors: each weight enters the MMA as fp8(fp16(q ratio)) and the row's product is scaled by
-    row_scale (the multipliers included) once, after one accumulator chain over the whole K; see
-    reference.w4a8_fold_ref. Not the INT4 GEMM's arithmetic: the FP8 path's."""
+    2^log2_multiplier2; the result is act(gate) * up, (M, N/2). residual: (M, N or N/2), added last."""
     if xq.dtype != torch.float8_e4m3fn or qweight.dtype != torch.uint8:
         raise TypeError("w4a8_gemm_triton: xq must be float8_e4m3fn and qweight uint8")
     m, k = xq.shape
@@ -706,14 +657,6 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     if not (xq.device == qweight.device == w_scales.device == x_scale.device):
         raise ValueError("w4a8_gemm_triton: all tensors must be on one device")
     cfg = dict(config or pick_config(m, n, k, -1 if per_channel else g))
-    if fold is not None:
-        if not layout_block or per_channel:
-            raise ValueError("w4a8_gemm_triton: fold needs the kernel layout and group scales")
-        if fold[0].shape != w_scales.shape or fold[0].dtype != torch.float16 or fold[1].shape != (n,):
-            raise ValueError("w4a8_gemm_triton: fold takes (ratio (N, G) fp16, row_scale (N,) fp32)")
-        if cfg.get("GEMV"):
-            cfg = default_config(max(m, 2), n, k, g)
-        w_scales, log2_multiplier, mult2 = fold[0], 0, 1.0
     if not per_channel and g % cfg["BK"] and not cfg.get("GEMV"):
         raise ValueError(f"BK={cfg['BK']} must divide the group size {g}")
     split = cfg["SPLIT_K"]
@@ -732,13 +675,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         out = torch.empty((m, n_out), dtype=out_dtype, device=xq.device)
     if m == 0:
         return torch.empty((0, n_out), dtype=out_dtype, device=xq.device)
-    chain = 0
-    if fold is not None:  # tiles a chain: cfg FOLD (64: the whole split), FOLD_CHAIN by default
-        chain = cfg.get("FOLD", FOLD_CHAIN)
-        if chain < 64 and triton.cdiv(k, cfg["BK"]) % (split * chain):
-            chain = 1
-    step = chain if 1 < chain < 64 else 1
-    if triton.cdiv(k, cfg["BK"]) % (split * step * cfg.get("UNROLL", 1)):
+    if triton.cdiv(k, cfg["BK"]) % (split * cfg.get("UNROLL", 1)):
         cfg = dict(cfg, UNROLL=1)  # unrolled loops only over whole multiples of UNROLL tiles a split
     tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
     persist = 0
@@ -749,7 +686,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     cnt = _tile_counters(xq.device, tiles) if fused else out
     xs = x_scale.reshape(-1).float().contiguous()
     x_arg, w_arg = xq, qweight
-    tma = (GEMM_TMA and half and fold is None and xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (9, 0)
+    tma = (GEMM_TMA and half and xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (9, 0)
            and xq.stride(0) % 16 == 0 and qweight.stride(0) % 16 == 0 and xq.data_ptr() % 16 == 0
            and qweight.data_ptr() % 16 == 0)
     if tma:
@@ -760,7 +697,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         w_arg = TensorDescriptor(qweight, [n, qweight.shape[1]], [qweight.stride(0), 1], [cfg["BN"], bk2])
     _w4a8_gemm_kernel[grid](
         x_arg, xs, w_arg, w_scales, bias if bias is not None else xs, out, part, cnt,
-        residual if residual is not None else xs, fold[1] if fold is not None else xs,
+        residual if residual is not None else xs,
         m, n, k, 2.0 ** -log2_multiplier, mult2,
         xq.stride(0), qweight.stride(0), w_scales.stride(0), out.stride(-2),
         residual.stride(0) if residual is not None else 0,
@@ -769,7 +706,7 @@ def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
         UNPACK_DUP=cfg.get("UNPACK_DUP", False), PRECISE_ACC=cfg.get("PRECISE_ACC", None),
         DEQ16=cfg.get("DEQ16", False) and w_scales.dtype == torch.float8_e4m3fn, FUSED_SPLITK=fused, HALF=half,
         ASM=use_asm(), EPI=epi, HAS_RES=residual is not None, PERSIST=persist, TMA=tma,
-        SCALE_PREFETCH=GEMM_SCALE_PREFETCH, UNROLL=cfg.get("UNROLL", 1), FOLD=chain,
+        SCALE_PREFETCH=GEMM_SCALE_PREFETCH, UNROLL=cfg.get("UNROLL", 1),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -87,25 +87,7 @@ def _f16_asm(signed: bool, zero: bool) -> str:
             "mov.b32 $0, a01;\nmov.b32 $1, a23;\nmov.b32 $2, c01;\nmov.b32 $3, c23;\n}")
 
 
-def _fp8_scaled_asm() -> str:
-    """Signed codes times a per-element fp16 ratio ($3: elements 0, 1; $4: elements 2, 3), rounded to fp16
-    and then to E4M3: the FP8 value of q r, in one pass over the codes (FOLD in the tiled GEMM)."""
-    body = _asm_values(True, False).replace("$IN", "$2")
-    return ("{\n" + _DECL + ".reg .b16 h0, h1, h2, h3;\n" + body +
-            "mul.rn.f16x2 a01, a01, $3;\n"
-            "mul.rn.f16x2 a23, a23, $4;\n"
-            "mul.rn.f16x2 c01, c01, $3;\n"
-            "mul.rn.f16x2 c23, c23, $4;\n"
-            "cvt.rn.satfinite.e4m3x2.f16x2 h0, a01;\n"
-            "cvt.rn.satfinite.e4m3x2.f16x2 h1, a23;\n"
-            "cvt.rn.satfinite.e4m3x2.f16x2 h2, c01;\n"
-            "cvt.rn.satfinite.e4m3x2.f16x2 h3, c23;\n"
-            "mov.b32 $0, {h0, h1};\n"
-            "mov.b32 $1, {h2, h3};\n}")
-
-
 FP8_SIGNED = tl.constexpr(_fp8_asm(True, False))
-FP8_SCALED = tl.constexpr(_fp8_scaled_asm())
 FP8_UNSIGNED = tl.constexpr(_fp8_asm(False, False))
 FP8_ZERO = tl.constexpr(_fp8_asm(False, True))
 F16_SIGNED = tl.constexpr(_f16_asm(True, False))
@@ -147,35 +129,6 @@ def nibbles_fp8(codes, zero, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: 
         return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
     lo, hi = _values(codes, zero, SIGNED, HAS_ZERO)
     return lo.to(tl.float16).to(tl.float8e4nv), hi.to(tl.float16).to(tl.float8e4nv)
-
-
-@triton.jit
-def _fp8_grid(y):
-    """fp32 y (|y| <= 448) rounded to the nearest E4M3 value, ties to even, as fp32 (the interpreter's own
-    cast mis-rounds across binades; an exactly representable value then casts exactly)."""
-    bits = y.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
-    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    v = y / step
-    r = tl.floor(v)
-    d = v - r
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    r = tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
-    return r * step
-
-
-@triton.jit
-def nibbles_fp8_scaled(codes, ratio, ASM: tl.constexpr):
-    """codes: uint8 tensor of signed nibble pairs; ratio: fp16 tensor of codes' shape. Returns (low, high)
-    float8e4nv tensors: fp8(fp16(q * ratio)) for each nibble q (rounded to nearest even, both times)."""
-    if ASM:
-        lo, hi = tl.inline_asm_elementwise(FP8_SCALED, "=r,=r,r,r,r", [codes, ratio], dtype=(tl.uint8, tl.uint8),
-                                           is_pure=True, pack=4)
-        return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
-    lo, hi = _values(codes, codes, True, False)
-    lo = (lo.to(tl.float16) * ratio).to(tl.float32)
-    hi = (hi.to(tl.float16) * ratio).to(tl.float32)
-    return _fp8_grid(lo).to(tl.float8e4nv), _fp8_grid(hi).to(tl.float8e4nv)
 
 
 @triton.jit

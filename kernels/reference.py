@@ -152,33 +152,6 @@ def int4_to_fp8_ref(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multipli
     return codes.to(torch.float8_e4m3fn), row_scale
 
 
-def fold_factors(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int, k: int, group_size: int,
-                 log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ratio (N, G) fp16, row_scale (N,) fp32) for the tiled GEMM's FOLD mode: the FP8 path's row factors
-    (fp8_row_factors, searched over the row's codes) with the group ratio s_g / c rounded to fp16.
-    qweight: checkpoint layout (N, ceil(K/2))."""
-    codes = unpack_int4_ref(qweight, k)
-    ratio, row_scale = fp8_row_rescale(w_scales, log2_multiplier, log2_multiplier2, code_histogram(codes, group_size))
-    return ratio.to(torch.float16), row_scale
-
-
-def fold_weights_ref(qweight: torch.Tensor, ratio: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """The FP8 weights FOLD multiplies: fp8(fp16(q ratio_g)), both roundings to nearest even. -> (N, K) fp8."""
-    codes = unpack_int4_ref(qweight, k).to(torch.float16)
-    return (codes * group_scales_ref(ratio, k, group_size).to(torch.float16)).to(torch.float8_e4m3fn)
-
-
-def w4a8_fold_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, ratio: torch.Tensor,
-                  row_scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
-                  out_dtype: torch.dtype = torch.bfloat16, acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """out = (xq @ fold_weights_ref(...)^T) * x_scale * row_scale + bias (w4a8_gemm_triton(fold=...))."""
-    w8 = fold_weights_ref(qweight, ratio, xq.shape[1], group_size)
-    out = (xq.to(acc_dtype) @ w8.to(acc_dtype).t()) * x_scale.to(acc_dtype) * row_scale.to(acc_dtype)
-    if bias is not None:
-        out = out + bias.to(acc_dtype)
-    return out.to(out_dtype)
-
-
 def w4a8_prefill_fp8_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                          log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
                          out_dtype: torch.dtype = torch.bfloat16,

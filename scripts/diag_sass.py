@@ -190,28 +190,27 @@ def gemv(bn, bk, warps, stages, n=4096, k=4096, group=128, layout_block=128):
     return G._w4a8_gemv_kernel.warmup(*args, grid=(1,), **kw)
 
 
-def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, prefetch=None, fold=0):
+def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, prefetch=None):
     """_w4a8_gemm_kernel's SWAP schedule (the decode GEMM for 2-64 tokens) as w4a8_gemm_triton launches it:
     INT4 (N, K) weights in the kernel layout of BK-channel blocks, g128 FP8 scales, split-K summed in the
-    kernel; the group scales one tile ahead as GEMM_SCALE_PREFETCH says (prefetch=None) or as given.
-    fold: the FOLD mode's tiles a chain (fp16 group ratios folded into the FP8 weights; 0: off)."""
+    kernel; the group scales one tile ahead as GEMM_SCALE_PREFETCH says (prefetch=None) or as given."""
     from fireq_kernels import gemm_w4a8 as G
     from fireq_kernels.int4cvt import use_asm
 
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     xs = torch.empty(m)
     w = torch.empty(n, k // 2, dtype=torch.uint8)
-    ws = torch.empty(n, k // group, dtype=torch.float16 if fold else torch.float8_e4m3fn)
+    ws = torch.empty(n, k // group, dtype=torch.float8_e4m3fn)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     part = torch.empty(split, m, n)
     cnt = torch.empty(n // bn, dtype=torch.int32)
-    args = (xq, xs, w, ws, xs, out, part, cnt, xs, xs, m, n, k, 1.0, 1.0, xq.stride(0), w.stride(0), ws.stride(0),
+    args = (xq, xs, w, ws, xs, out, part, cnt, xs, m, n, k, 1.0, 1.0, xq.stride(0), w.stride(0), ws.stride(0),
             out.stride(0), 0)
     kw = dict(GROUP=group, PER_CHANNEL=False, HAS_BIAS=False, BM=bm, BN=bn, BK=bk, SPLIT_K=split, GROUP_M=8,
               SWAP=True, UNPACK_DUP=False, PRECISE_ACC=None, DEQ16=False, FUSED_SPLITK=split > 1, HALF=True,
               ASM=use_asm(), EPI=0, HAS_RES=False, PERSIST=0, TMA=False,
               SCALE_PREFETCH=G.GEMM_SCALE_PREFETCH if prefetch is None else prefetch,
-              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), FOLD=fold, num_warps=warps,
+              UNROLL=int(os.environ.get("DIAG_UNROLL", "1")), num_warps=warps,
               num_stages=stages)
     return G._w4a8_gemm_kernel.warmup(*args, grid=(1,), **kw)
 
@@ -264,7 +263,6 @@ def main():
     ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
     ap.add_argument("--no-ks-tma", action="store_true", help="staged: key scales by pointer loads")
     ap.add_argument("--prefetch", type=int, default=None, help="swap: group scales one tile ahead (1) or not (0)")
-    ap.add_argument("--fold", type=int, default=0, help="swap: the FOLD mode, tiles a chain (64: one chain)")
     ap.add_argument("--dump", default=None, help="a folder for the .ttgir, .ptx and .sass")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args()
@@ -277,7 +275,7 @@ def main():
     elif args.kernel == "decode":
         k = decode(*cfg)
     elif args.kernel == "swap":
-        k = swap(*cfg, prefetch=None if args.prefetch is None else bool(args.prefetch), fold=args.fold)
+        k = swap(*cfg, prefetch=None if args.prefetch is None else bool(args.prefetch))
     elif args.kernel == "rope":
         k = rope(*cfg)
     else:
