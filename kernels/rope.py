@@ -10,6 +10,10 @@ bit for bit to the original's (twin: reference.rope_ref):
 
 with x1, x2 the halves of a head's row and r() the rounding to the dtype (BF16 or FP16). q (B, Hq, L, D) and
 k (B, Hk, L, D) may be strided views (the fused q/k/v GEMM's output); cos and sin are (B, L, D).
+
+With fp8=True the kernel also writes the rotated queries' FP8 quantization, one scale per (token, head) row of
+D, equal bit for bit to quantize_fp8_rows_triton(q_embed.reshape(-1, D)): what the INT4-KV attention kernel takes
+as its queries when no post-RoPE scale divides them first (fireq.nn.attention), one launch fewer a layer.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
 from .rmsnorm import _bf16_rne
 
 
@@ -39,10 +44,12 @@ def _rot(xa, xb, ca, sb, NEG: tl.constexpr, DT: tl.constexpr, BF16_RNE: tl.const
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, HQ, HK, L,
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q8_ptr, qs_ptr, HQ, HK, L,
                  sqb, sqh, sql, skb, skh, skl, scb, scl, ssb, ssl,
-                 D: tl.constexpr, BH: tl.constexpr, BF16_RNE: tl.constexpr):
-    """Program (b * L + l, head block): BH of the Hq + Hk heads (queries first) at position l of sequence b."""
+                 D: tl.constexpr, BH: tl.constexpr, BF16_RNE: tl.constexpr, Q8: tl.constexpr,
+                 EXACT_ROUND: tl.constexpr):
+    """Program (b * L + l, head block): BH of the Hq + Hk heads (queries first) at position l of sequence b.
+    Q8: also the query rows' FP8 quantization (q8 (B * Hq * L, D), qs (B * Hq * L,), rows in qo's order)."""
     bl = tl.program_id(0)
     b = bl // L
     l = bl % L
@@ -75,11 +82,25 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, HQ, HK, L,
     tl.store(qo + D // 2 + half[None, :], o2.to(DT), mask=mq)
     tl.store(ko + half[None, :], o1.to(DT), mask=mk)
     tl.store(ko + D // 2 + half[None, :], o2.to(DT), mask=mk)
+    if Q8:  # quantize_fp8_rows_triton's arithmetic on each query row as stored (o1, o2 hold DT values)
+        sc = tl.maximum(tl.maximum(tl.max(tl.abs(o1), axis=1), tl.max(tl.abs(o2), axis=1)) / 448.0,
+                        1.1754943508222875e-38)
+        v1 = tl.minimum(tl.maximum(tl.math.div_rn(o1, sc[:, None]), -448.0), 448.0)
+        v2 = tl.minimum(tl.maximum(tl.math.div_rn(o2, sc[:, None]), -448.0), 448.0)
+        if EXACT_ROUND:
+            v1 = _round_to_fp8_grid(v1)
+            v2 = _round_to_fp8_grid(v2)
+        row = (b.to(tl.int64) * HQ + h.to(tl.int64)) * L + l
+        tl.store(q8_ptr + row[:, None] * D + half[None, :], v1.to(tl.float8e4nv), mask=mq)
+        tl.store(q8_ptr + row[:, None] * D + D // 2 + half[None, :], v2.to(tl.float8e4nv), mask=mq)
+        tl.store(qs_ptr + row, sc, mask=is_q)
 
 
-def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool = False):
     """q (B, Hq, L, D), k (B, Hk, L, D) in BF16 or FP16 with the last dim contiguous; cos, sin (B or 1, L, D) in
-    the same dtype -> (q_embed, k_embed), contiguous, equal bit for bit to transformers' apply_rotary_pos_emb."""
+    the same dtype -> (q_embed, k_embed), contiguous, equal bit for bit to transformers' apply_rotary_pos_emb.
+    fp8: (q_embed, k_embed, q8 (B * Hq * L, D) float8_e4m3fn, qs (B * Hq * L, 1) fp32), q8 and qs equal to
+    quantize_fp8_rows_triton(q_embed.reshape(-1, D))."""
     bsz, hq, n, d = q.shape
     if (k.dim() != 4 or k.shape[0] != bsz or k.shape[2:] != (n, d) or q.dtype not in (torch.bfloat16, torch.float16)
             or not (k.dtype == cos.dtype == sin.dtype == q.dtype) or d % 2 or d & (d - 1)
@@ -90,13 +111,15 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     hk = k.shape[1]
     qo = torch.empty((bsz, hq, n, d), dtype=q.dtype, device=q.device)
     ko = torch.empty((bsz, hk, n, d), dtype=k.dtype, device=k.device)
+    q8 = torch.empty((bsz * hq * n, d), dtype=torch.float8_e4m3fn, device=q.device) if fp8 else qo
+    qs = torch.empty((bsz * hq * n, 1), dtype=torch.float32, device=q.device) if fp8 else qo
     if qo.numel() + ko.numel():
         bh = 8
         cb = cos.stride(0) if cos.shape[0] > 1 else 0
         sb = sin.stride(0) if sin.shape[0] > 1 else 0
         _rope_kernel[(bsz * n, triton.cdiv(hq + hk, bh))](
-            q, k, qo, ko, cos, sin, hq, hk, n, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            q, k, qo, ko, cos, sin, q8, qs, hq, hk, n, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), cb, cos.stride(1), sb, sin.stride(1), D=d, BH=bh,
-            BF16_RNE=not q.is_cuda and q.dtype == torch.bfloat16, num_warps=max(1, min(4, bh * d // 256)),
-            enable_fp_fusion=False)
-    return qo, ko
+            BF16_RNE=not q.is_cuda and q.dtype == torch.bfloat16, Q8=fp8, EXACT_ROUND=fp8 and _interpreting(),
+            num_warps=max(1, min(4, bh * d // 256)), enable_fp_fusion=False)
+    return (qo, ko, q8, qs) if fp8 else (qo, ko)

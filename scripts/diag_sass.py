@@ -217,14 +217,17 @@ def swap(bm, bn, bk, warps, stages, split=4, m=16, n=4096, k=4096, group=128, pr
 
 def rope(bh, d, warps, _unused=0, hq=32, hk=8):
     """_rope_kernel (the one-launch rotary embedding of q and k) as rope_triton launches it at decode: B = 1,
-    one token, BF16, FMA contraction off."""
+    one token, BF16, FMA contraction off, with the queries' FP8 quantization (as fireq.nn.rope runs it)."""
     from fireq_kernels import rope as R
 
     q = torch.empty(1, hq, 1, d, dtype=torch.bfloat16)
     k = torch.empty(1, hk, 1, d, dtype=torch.bfloat16)
     cos = torch.empty(1, 1, d, dtype=torch.bfloat16)
-    return R._rope_kernel.warmup(q, k, q, k, cos, cos, hq, hk, 1, *q.stride()[:3], *k.stride()[:3], 0, d, 0, d, D=d,
-                                 BH=bh, BF16_RNE=False, num_warps=warps, enable_fp_fusion=False, grid=(1,))
+    q8 = torch.empty(hq, d, dtype=torch.float8_e4m3fn)
+    qs = torch.empty(hq, 1)
+    return R._rope_kernel.warmup(q, k, q, k, cos, cos, q8, qs, hq, hk, 1, *q.stride()[:3], *k.stride()[:3], 0, d, 0,
+                                 d, D=d, BH=bh, BF16_RNE=False, Q8=True, EXACT_ROUND=False, num_warps=warps,
+                                 enable_fp_fusion=False, grid=(1,))
 
 
 def report(name: str, kernel, top: int = 16) -> str:

@@ -89,3 +89,31 @@ def test_post_scales_kept_and_refreshed():
         assert torch.equal(attention._unscale_queries(mod, q), want_q)
         assert attention._post_scale(mod, mod.k_post_scale, k.dtype, 1) is attention._post_scale(
             mod, mod.k_post_scale, k.dtype, 1)  # kept between calls
+
+
+def test_rope_fp8_queries_taken_while_current():
+    """Queries carrying the rotary kernel's FP8 copy (fireq.nn.rope) skip their own quantization with the same
+    result; a copy is used only while the tensor is unwritten since."""
+    from fireq_kernels.gemm_w4a8 import FP8_ATTR
+    from fireq_kernels.rope import rope_triton
+
+    mod = nn.Module()
+    mod.is_causal = True
+    mod.num_key_value_groups = 2
+    attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=False), True))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 5, 32, generator=g).to(DEV, torch.bfloat16)
+    k = torch.randn(2, 2, 5, 32, generator=g).to(DEV, torch.bfloat16)
+    v = torch.randn(2, 2, 5, 32, generator=g).to(DEV, torch.bfloat16)
+    ang = torch.randn(1, 5, 32, generator=g) * 10
+    qo, ko, q8, qs = rope_triton(q, k, ang.cos().to(DEV, torch.bfloat16), ang.sin().to(DEV, torch.bfloat16), fp8=True)
+    plain, _ = attention._kernel_forward(mod, qo.clone(), ko, v, 32 ** -0.5, mod.fireq_attn, {})
+    setattr(qo, FP8_ATTR, (q8, qs, qo._version))
+    got, _ = attention._kernel_forward(mod, qo, ko, v, 32 ** -0.5, mod.fireq_attn, {})
+    assert torch.equal(got, plain)
+    setattr(qo, FP8_ATTR, (torch.zeros_like(q8), qs, qo._version))  # taken: zero queries change the result
+    poisoned, _ = attention._kernel_forward(mod, qo, ko, v, 32 ** -0.5, mod.fireq_attn, {})
+    assert not torch.equal(poisoned, plain)
+    qo.mul_(1)  # written since (same values): the stale copy is ignored
+    again, _ = attention._kernel_forward(mod, qo, ko, v, 32 ** -0.5, mod.fireq_attn, {})
+    assert torch.equal(again, plain)

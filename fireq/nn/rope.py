@@ -8,7 +8,10 @@ a probe on the CPU, in BF16 and FP16, before anything is replaced). The replacem
 16-bit CUDA tensors on FP8-capable GPUs and calls the original in every other case (other devices and dtypes,
 extra arguments, torch.compile tracing). Its first call on a device and dtype also runs the original and
 compares: if the two ever differ by a bit, it warns once and calls the original from then on. The kernel
-rounds as PyTorch does, so models give the same outputs either way.
+rounds as PyTorch does, so models give the same outputs either way. It also writes the rotated queries' FP8
+rows and scales (what the INT4-KV attention would quantize them to) and hangs them on q_embed (attribute
+FP8_ATTR, with its _version then): the attention takes them when no post-RoPE scale divides the queries first
+and the tensor was not written since, and quantizes as before otherwise.
 
 The replaced function is the modeling module's own (every model of that architecture in the process uses it;
 the results are the same bit for bit): `unpatch_rotary()` restores the originals.
@@ -23,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from fireq_kernels.gemm_w4a8 import FP8_ATTR
 from fireq_kernels.reference import rope_ref
 
 _NAME = "apply_rotary_pos_emb"
@@ -72,13 +76,22 @@ def _wrap(orig):
         if ok is None:
             if torch.cuda.is_current_stream_capturing():  # no comparison inside a graph capture
                 return orig(q, k, cos, sin, *args, **kwargs)
-            got, want = rope_triton(q, k, cos, sin), orig(q, k, cos, sin)
-            ok = _CHECKED[key] = all(torch.equal(a, b) for a, b in zip(got, want))
+            from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
+
+            qo, ko, q8, qs = rope_triton(q, k, cos, sin, fp8=True)
+            want = orig(q, k, cos, sin)
+            w8, ws = quantize_fp8_rows_triton(want[0].reshape(-1, want[0].shape[-1]))
+            ok = _CHECKED[key] = (torch.equal(qo, want[0]) and torch.equal(ko, want[1])
+                                  and torch.equal(q8.view(torch.uint8), w8.view(torch.uint8)) and torch.equal(qs, ws))
             if not ok:
                 warnings.warn(f"fireq: the Triton rotary embedding differs from {orig.__module__}.{_NAME} on "
                               f"{q.device} in {q.dtype}; using the original")
             return want
-        return rope_triton(q, k, cos, sin) if ok else orig(q, k, cos, sin, *args, **kwargs)
+        if not ok:
+            return orig(q, k, cos, sin, *args, **kwargs)
+        qo, ko, q8, qs = rope_triton(q, k, cos, sin, fp8=True)
+        setattr(qo, FP8_ATTR, (q8, qs, qo._version))  # the attention's FP8 queries (fireq.nn.attention)
+        return qo, ko
 
     apply_rotary_pos_emb.__fireq_original__ = orig
     return apply_rotary_pos_emb

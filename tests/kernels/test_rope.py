@@ -52,6 +52,27 @@ def test_kernel_equals_twin_bit_for_bit(dt, b, hq, hk, n, d, cos_b, strided):
         assert torch.equal(a, w), (a.float() - w.float()).abs().max().item()
 
 
+@pytest.mark.skipif(not GPU and not INTERP, reason="needs an FP8 GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hk,n,d,cos_b,strided", [(1, 4, 2, 1, 64, 1, True), (2, 6, 2, 5, 32, 2, True),
+                                                      (1, 9, 3, 3, 128, 1, False)])
+def test_kernel_fp8_queries_equal_quantizer(dt, b, hq, hk, n, d, cos_b, strided):
+    """fp8=True: the same q_embed and k_embed, and the queries' FP8 rows and scales equal to the row quantizer's
+    of q_embed, bit for bit (one row of zeros included: its scale is the floor, its codes zero)."""
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
+    from fireq_kernels.rope import rope_triton
+
+    q, k, cos, sin = (t.to(DEV) for t in _operands(b, hq, hk, n, d, dt, cos_b, strided, seed=7 * n + d))
+    q[0, 1, 0] = 0.0
+    qo, ko, q8, qs = rope_triton(q, k, cos, sin, fp8=True)
+    want = rope_ref(q, k, cos, sin)
+    assert torch.equal(qo, want[0]) and torch.equal(ko, want[1])
+    w8, ws = quantize_fp8_rows_triton(qo.reshape(-1, d))
+    assert q8.shape == w8.shape and qs.shape == ws.shape
+    assert torch.equal(q8.view(torch.uint8), w8.view(torch.uint8)) and torch.equal(qs, ws)
+    assert (q8.float() != 0).any()
+
+
 def test_kernel_rejects_bad_input():
     from fireq_kernels.rope import rope_triton
 
