@@ -132,6 +132,39 @@ def decode_gemm_operands(dev: str, m: int, n: int, k: int, group: int = 128, blo
     return xq, xs, w, (None, qw.scales.to(dev), qw.log2_multiplier)
 
 
+def decode_attention_operands(L: int, B: int, spec, l2_bytes: int | None, seed: int | None = None):
+    """The decode attention diags' operands: BF16 q (B, 32, 1, 128), k and v (B, 8, L, 128) on the GPU, the
+    queries as FP8 rows with their (B, 32, 1) scales, and as many INT4 caches (quantized with spec) as rotating
+    past L2 takes, the first of k and v themselves. Returns (q, k, v, q8, qs, [(k cache, v cache), ...])."""
+    import torch
+
+    from fireq.formats.fp8 import quantize_fp8_rows
+    from fireq.formats.kv import quantize_kv
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+    q8, qs = quantize_fp8_rows(q)
+    sets = copies_for(B * 8 * L * 65 * 2, l2_bytes, min_sets=1, max_sets=4)
+    caches = [(quantize_kv(k if i == 0 else torch.randn_like(k), spec),
+               quantize_kv(v if i == 0 else torch.randn_like(v), spec)) for i in range(sets)]
+    return q, k, v, q8, qs.squeeze(-1).contiguous(), caches
+
+
+def check_scale_prefetch(dev: str, cases) -> None:
+    """GEMM_SCALE_PREFETCH leaves the tiled GEMM's output unchanged bit for bit: cases of (M, N, K, SPLIT_K,
+    UNROLL) for the CPU interpreter or for the GPU, as dev says (SWAP configs, kernel layout, g128)."""
+    small = dev == "cpu"
+    for m, n, k, split, u in cases:
+        xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
+        cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4,
+                   num_stages=2 if small else 3, UNROLL=u)
+        same_output(gemm_kernel_layout(xq, xs, w, qwt, cfg), gemm_kernel_layout(xq, xs, w, qwt, cfg, prefetch=True),
+                    f"M={m} N={n} K={k} split {split}, prefetch vs off")
+
+
 def same_output(a, b, label: str) -> None:
     """Print the largest difference of two kernel outputs under label and require them equal bit for bit."""
     import torch
@@ -154,6 +187,18 @@ def kernel_layout_weights(n: int, k: int, l2_bytes: int | None, block: int = 128
     from fireq_kernels.gemm_w4a8 import repack_half
 
     return [(repack_half(w[0], k, block), w) for w in int4_weight_copies(n, k, l2_bytes)]
+
+
+def gemm_sets(m: int, k: int, kw: list[tuple], l2_bytes: int | None) -> list[tuple]:
+    """The GEMM diags' rotation at M tokens: [((xq, x_scale), packed weights, (qweight, scales, log2 multiplier))]
+    a weight copy of kw (kernel_layout_weights), with enough distinct FP8 activations to pass L2 (up to 8)."""
+    import torch
+
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
+
+    nx = copies_for(m * k, l2_bytes, min_sets=1, max_sets=8)
+    xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
+    return [(xs[i % nx], p, w) for i, (p, w) in enumerate(kw)]
 
 
 def finish(path: str, env: dict, rows: list[dict], summary: dict, cols: list[str], **extra) -> None:

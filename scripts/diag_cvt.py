@@ -17,7 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, copies_for, env_info, int4_weight_copies, table, write_json  # noqa: E402
+from _bench_util import (bench_graph, decode_attention_operands, env_info, int4_weight_copies, table,  # noqa: E402
+                         write_json)
 
 
 def _asm(on: bool) -> None:
@@ -148,8 +149,7 @@ def _prefill_rows(spec, S=8192):
 def attn_rows(env, quick, decode_only=False):
     import torch.nn.functional as F
 
-    from fireq.formats.fp8 import quantize_fp8_rows
-    from fireq.formats.kv import KVSpec, quantize_kv
+    from fireq.formats.kv import KVSpec
     from fireq_kernels.attention_kv4 import kv4_attention_triton
 
     rows = []
@@ -158,14 +158,7 @@ def attn_rows(env, quick, decode_only=False):
         if not decode_only:
             rows += _prefill_rows(spec)
         for L, B in ((32768, 8), (131072, 1), (8192, 1)):
-            q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-            q8, qs = quantize_fp8_rows(q)
-            qs = qs.squeeze(-1).contiguous()
-            sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
-            caches = [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
-                      for _ in range(sets)]
+            q, k, v, q8, qs, caches = decode_attention_operands(L, B, spec, env.get("l2_bytes"))
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], warmup=5, rep=20)
             for sp in (None, 32):
                 for bm, bn, w, st in DECODE_SWEEP:

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, copies_for, env_info, geomean, table, write_json  # noqa: E402
+from _bench_util import bench_graph, decode_attention_operands, env_info, geomean, table, write_json  # noqa: E402
 
 # (block_m, block_n, num_warps, num_stages); the first is the wrapper's default for decode
 CFGS = ((16, 256, 4, 3), (16, 128, 4, 3), (16, 256, 8, 3), (16, 128, 2, 3), (16, 128, 2, 2), (16, 64, 2, 3),
@@ -29,8 +29,7 @@ def main():
     import torch.nn.functional as F
 
     import fireq_kernels.attention_kv4 as ak
-    from fireq.formats.fp8 import quantize_fp8_rows
-    from fireq.formats.kv import KVSpec, quantize_kv
+    from fireq.formats.kv import KVSpec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
@@ -44,15 +43,7 @@ def main():
     for sym in ((True, False) if a.asym else (True,)):
         spec = KVSpec(symmetric=sym)
         for L, B in points:
-            q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-            q8, qs = quantize_fp8_rows(q)
-            qs = qs.squeeze(-1).contiguous()
-            sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
-            caches = [(quantize_kv(k, spec), quantize_kv(v, spec))]
-            caches += [(quantize_kv(torch.randn_like(k), spec), quantize_kv(torch.randn_like(v), spec))
-                       for _ in range(sets - 1)]
+            q, k, v, q8, qs, caches = decode_attention_operands(L, B, spec, env.get("l2_bytes"))
             t_sdpa = bench_graph([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], warmup=5, rep=20)
             kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))
 

@@ -16,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import DECODE_POINTS, bench_graph, copies_for, env_info, geomean, table, write_json  # noqa: E402
+from _bench_util import (DECODE_POINTS, bench_graph, decode_attention_operands, env_info, geomean, table,  # noqa: E402
+                         write_json)
 
 CFGS = ((None, 256), (16, 256), (32, 256), (None, 128), (32, 128), (64, 128), (16, 512))
 
@@ -25,8 +26,7 @@ def main():
     import torch.nn.functional as F
 
     import fireq_kernels.attention_kv4 as ak
-    from fireq.formats.fp8 import quantize_fp8_rows
-    from fireq.formats.kv import KVSpec, quantize_kv
+    from fireq.formats.kv import KVSpec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
@@ -35,15 +35,7 @@ def main():
     rows = []
     for sym, L, B in DECODE_POINTS:
         spec = KVSpec(symmetric=sym)
-        torch.manual_seed(L + B)
-        q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.bfloat16)
-        q8, qs = quantize_fp8_rows(q)
-        qs = qs.squeeze(-1).contiguous()
-        sets = copies_for(B * 8 * L * 65 * 2, env.get("l2_bytes"), min_sets=1, max_sets=4)
-        caches = [(quantize_kv(k if i == 0 else torch.randn_like(k), spec),
-                   quantize_kv(v if i == 0 else torch.randn_like(v), spec)) for i in range(sets)]
+        q, k, v, q8, qs, caches = decode_attention_operands(L, B, spec, env.get("l2_bytes"), seed=L + B)
         scale = 1 / math.sqrt(128)
         ref = None
         res = {}
@@ -71,7 +63,7 @@ def main():
                     best = (t, (sp, bn), fns, diff)
             t = bench_graph(best[2])
             res[tma] = (t, best[1], best[3])
-        ks = [k] + [torch.randn_like(k) for _ in range(min(sets, 2) - 1)]
+        ks = [k] + [torch.randn_like(k) for _ in range(min(len(caches), 2) - 1)]
         t_sdpa = bench_graph([lambda kk=kk: F.scaled_dot_product_attention(q, kk, v, enable_gqa=True)
                               for kk in ks])
         kv_bytes = 2 * B * 8 * L * (64 + 1 + (0 if sym else 1))

@@ -35,33 +35,26 @@ def _gemm(prefetch, xq, xs, w, qw, cfg):
 
 
 def check(dev):
-    from _bench_util import decode_gemm_operands, same_output
+    from _bench_util import check_scale_prefetch
 
-    small = dev == "cpu"
-    for m, n, k in ((5, 64, 640), (16, 96, 384)) if small else ((16, 4096, 4096), (256, 6144, 4096)):
-        xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
-        cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=2, GROUP_M=8, num_warps=4,
-                   num_stages=2 if small else 4)
-        same_output(_gemm(False, xq, xs, w, qwt, cfg), _gemm(True, xq, xs, w, qwt, cfg), f"M={m} N={n} K={k}, on vs off")
+    check_scale_prefetch(dev, ((5, 64, 640, 2, 1), (16, 96, 384, 2, 1)) if dev == "cpu" else
+                         ((16, 4096, 4096, 2, 1), (256, 6144, 4096, 2, 1)))
 
 
 def bench(path):
-    from _bench_util import bench_graph, copies_for, finish, gemm_bench_setup, geomean, kernel_layout_weights
-    from fireq_kernels.gemm_w4a8 import pick_config, quantize_fp8_rows_triton
+    from _bench_util import bench_graph, finish, gemm_bench_setup, gemm_sets, geomean, kernel_layout_weights
+    from fireq_kernels.gemm_w4a8 import pick_config
 
     env = gemm_bench_setup()
     rows = []
     for n, k in SHAPES:
         kw = kernel_layout_weights(n, k, env.get("l2_bytes"))
-        kern, wsets = [p for p, _ in kw], [w for _, w in kw]
-        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(len(wsets), 4))]
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(len(kw), 4))]
         for m in MS:
             cfg = pick_config(m, n, k, 128)
             if cfg.get("GEMV"):
                 continue
-            nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
-            xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
-            sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
+            sets = gemm_sets(m, k, kw, env.get("l2_bytes"))
             fns = {p: [lambda x=x, w=w, q=q, p=p: _gemm(p, x[0], x[1], w, q, cfg) for x, w, q in sets]
                    for p in (False, True)}
             assert torch.equal(fns[False][0](), fns[True][0]())
@@ -73,7 +66,7 @@ def bench(path):
             rows.append(dict(N=n, K=k, M=m, off_us=t_off * 1e3, on_us=t_on * 1e3, gain=t_off / t_on,
                              off_vs_bf16=t_bf16 / t_off, on_vs_bf16=t_bf16 / t_on, config=cfg))
             print(rows[-1], flush=True)
-        del kw, wsets, kern, wb
+        del kw, wb
         torch.cuda.empty_cache()
     summary = {"gain_decode": geomean([r["gain"] for r in rows if r["M"] <= 16]),
                "gain_prefill": geomean([r["gain"] for r in rows if r["M"] >= 4096]),

@@ -40,34 +40,26 @@ def _gemm(variant, xq, xs, w, qw, cfg):
 
 
 def check(dev):
-    from _bench_util import decode_gemm_operands, same_output
+    from _bench_util import check_scale_prefetch
 
-    small = dev == "cpu"
-    for m, n, k, split, u in ((3, 64, 1024, 2, 2), (16, 96, 640, 1, 1), (5, 64, 896, 3, 1)) if small else \
-            ((4, 4096, 4096, 1, 2), (16, 6144, 14336, 8, 1)):
-        xq, xs, w, qwt = decode_gemm_operands(dev, m, n, k)
-        cfg = dict(SWAP=True, BM=16, BN=32 if small else 64, BK=128, SPLIT_K=split, GROUP_M=8, num_warps=4,
-                   num_stages=2 if small else 3, UNROLL=u)
-        same_output(_gemm("off", xq, xs, w, qwt, cfg), _gemm("prefetch", xq, xs, w, qwt, cfg),
-                    f"M={m} N={n} K={k} split {split}, prefetch vs off")
+    check_scale_prefetch(dev, ((3, 64, 1024, 2, 2), (16, 96, 640, 1, 1), (5, 64, 896, 3, 1)) if dev == "cpu" else
+                         ((4, 4096, 4096, 1, 2), (16, 6144, 14336, 8, 1)))
 
 
 def bench(path):
-    from _bench_util import bench_graph, copies_for, finish, gemm_bench_setup, geomean, kernel_layout_weights
-    from fireq_kernels.gemm_w4a8 import pick_config, quantize_fp8_rows_triton
+    from _bench_util import (bench_graph, copies_for, finish, gemm_bench_setup, gemm_sets, geomean,
+                             kernel_layout_weights)
+    from fireq_kernels.gemm_w4a8 import pick_config
 
     env = gemm_bench_setup()
     rows = []
     for n, k in SHAPES:
         kw = kernel_layout_weights(n, k, env.get("l2_bytes"))
-        kern, wsets = [p for p, _ in kw], [w for _, w in kw]
         w8 = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies_for(n * k,
                                                                                                   env.get("l2_bytes")))]
         one = torch.ones((), device="cuda")
         for m in MS:
-            nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
-            xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
-            sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
+            sets = gemm_sets(m, k, kw, env.get("l2_bytes"))
             x8 = torch.randn(16, k, device="cuda").to(torch.float8_e4m3fn)
             t_fp8 = bench_graph([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16)
                                  for w in w8]) * 1e3
@@ -88,7 +80,7 @@ def bench(path):
                 row["off_vs_fp8"] = t_fp8 / row["off_us"]
                 rows.append(row)
                 print(row, flush=True)
-        del kw, wsets, kern, w8
+        del kw, w8
         torch.cuda.empty_cache()
     swap = [r for r in rows if "channel_us" in r]
     summary = {f"{v}_gain": geomean([r[f"{v}_gain"] for r in swap]) for v in VARIANTS[1:]}

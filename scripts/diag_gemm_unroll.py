@@ -72,22 +72,20 @@ def check(dev):
 
 
 def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
-    from _bench_util import bench_graph, copies_for, finish, gemm_bench_setup, geomean, kernel_layout_weights
-    from fireq_kernels.gemm_w4a8 import pick_config, quantize_fp8_rows_triton
+    from _bench_util import (bench_graph, copies_for, finish, gemm_bench_setup, gemm_sets, geomean,
+                             kernel_layout_weights)
+    from fireq_kernels.gemm_w4a8 import pick_config
 
     env = gemm_bench_setup()
     rows = []
     for n, k in shapes:
         kw = kernel_layout_weights(n, k, env.get("l2_bytes"))
-        kern, wsets = [p for p, _ in kw], [w for _, w in kw]
         nb = copies_for(n * k * 2, env.get("l2_bytes"), max_sets=4)
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
         w8 = [t.to(torch.float8_e4m3fn) for t in wb]
         one = torch.ones((), device="cuda")
         for m in ms:
-            nx = copies_for(m * k, env.get("l2_bytes"), min_sets=1, max_sets=8)
-            xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(nx)]
-            sets = [(xs[i % nx], kern[i], wsets[i]) for i in range(len(wsets))]
+            sets = gemm_sets(m, k, kw, env.get("l2_bytes"))
 
             def timed(cfg):
                 return bench_graph([lambda x=x, w=w, q=q: _gemm(x[0], x[1], w, q, cfg) for x, w, q in sets]) * 1e3
@@ -98,12 +96,13 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
             t_fp8 = bench_graph([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.bfloat16)
                                  for w in w8]) * 1e3
             tuned = pick_config(m, n, k, 128)
-            ref = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], tuned).float()
+            (x0, x0s), w0, q0 = sets[0]
+            ref = _gemm(x0, x0s, w0, q0, tuned).float()
             row = dict(N=n, K=k, M=m, bf16_us=t_bf16, fp8_us=t_fp8, tuned_us=timed(tuned), tuned_cfg=tuned)
             allt = []
             for cfg in sweep(k, stages=stages, unrolls=unrolls):
                 try:
-                    y = _gemm(xs[0][0], xs[0][1], kern[0], wsets[0], cfg).float()
+                    y = _gemm(x0, x0s, w0, q0, cfg).float()
                 except triton.runtime.errors.OutOfResources:  # too deep a pipeline for shared memory
                     continue
                 err = ((y - ref).norm() / ref.norm()).item()
@@ -122,7 +121,7 @@ def bench(path, stages=(3, 4), unrolls=UNROLLS, ms=MS, shapes=SHAPES):
                        sweep=[dict(us=t, **c) for t, c in allt])
             rows.append(row)
             print({kk: v for kk, v in row.items() if kk != "sweep"}, flush=True)
-        del kw, wsets, kern, wb, w8
+        del kw, wb, w8
         torch.cuda.empty_cache()
     summary = {"gain_vs_u1": geomean([r["gain_vs_u1"] for r in rows]),
                "sweep_gain_vs_tuned": geomean([r["sweep_gain_vs_tuned"] for r in rows]),
