@@ -60,10 +60,43 @@ def test_kernel_path_over_static_cache():
             layer.update(k[:, :, :7], v[:, :, :7])
             layer.update(k[:, :, 7:10], v[:, :, 7:10])
             kp, vp = layer.update(k[:, :, 10:], v[:, :, 10:])
-            assert kp._fireq_lens[2].tolist() == [11, 11] and kp._fireq_lens[3].tolist() == [1, 1]
+            assert kp._fireq_lens[1].tolist() == [11, 11] and kp._fireq_lens[2].tolist() == [1, 1]
             outs.append(attention._kernel_forward(mod, q, kp, vp, 32 ** -0.5, mod.fireq_attn, {})[0])
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     assert torch.allclose(outs[0], outs[2], rtol=1e-5, atol=1e-6)
+
+
+def test_static_layers_share_their_lengths():
+    """Layers of one static cache (wired as make_cache does) keep one set of device-side lengths, moved on once a
+    step, and each layer's buffers and attention equal those of a layer on its own."""
+    mod = nn.Module()
+    mod.is_causal = True
+    mod.num_key_value_groups = 2
+    attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=True), True))
+    g = torch.Generator().manual_seed(5)
+    kv = [(torch.randn(2, 2, 9, 32, generator=g).to(DEV), torch.randn(2, 2, 9, 32, generator=g).to(DEV))
+          for _ in range(3)]
+    q = torch.randn(2, 4, 1, 32, generator=g).to(DEV)
+    cls = attention._make_layer_class()
+    shared = [cls(mod, 16) for _ in range(3)]
+    for i, layer in enumerate(shared):
+        layer._lens_state = shared[0]._lens_state
+        layer._first, layer._last = i == 0, i == 2
+    alone = [cls(mod, 16) for _ in range(3)]
+    for lo, hi in ((0, 6), (6, 7), (7, 8), (8, 9)):  # a prompt, then three decode steps
+        for i in range(3):
+            k, v = kv[i]
+            kp, vp = shared[i].update(k[:, :, lo:hi], v[:, :, lo:hi])
+            kp0, vp0 = alone[i].update(k[:, :, lo:hi], v[:, :, lo:hi])
+            assert kp._fireq_lens[1].tolist() == kp0._fireq_lens[1].tolist() == [hi, hi]
+            if hi - lo == 1:
+                got = attention._kernel_forward(mod, q, kp, vp, 32 ** -0.5, mod.fireq_attn, {})[0]
+                want = attention._kernel_forward(mod, q, kp0, vp0, 32 ** -0.5, mod.fireq_attn, {})[0]
+                assert torch.equal(got, want)
+    assert shared[0]._lens_state is shared[2]._lens_state and int(shared[1]._len_dev) == 9
+    for a, b in zip(shared, alone):  # the written tokens (the rest of the buffers is uninitialized)
+        assert all(torch.equal(x.packed[:, :, :9], y.packed[:, :, :9])
+                   and torch.equal(x.scales[:, :, :9].float(), y.scales[:, :, :9].float()) for x, y in zip(a._buf, b._buf))
 
 
 def test_post_scales_kept_and_refreshed():

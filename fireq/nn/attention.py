@@ -23,8 +23,8 @@ from ..formats.kv import KVSpec, QuantizedKV, dequantize_kv, quantize_kv
 
 ATTN_IMPL = "fireq"
 _PACKED = "_fireq_packed"  # attribute of the INT4 cache's placeholder keys: (packed K, packed V)
-_LENS = "_fireq_lens"  # static cache: (valid length: device () int64, host int; (B,) int32 key lengths, (B,)
-# int32 query lengths: the kernel's) of the buffers
+_LENS = "_fireq_lens"  # static cache: (valid length, host int; the kernel's (B,) int32 key lengths and (B,) int32
+# query lengths, on the device) of the buffers
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def fireq_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
             qk, qv = packed
             lens = getattr(key, _LENS, None)
             if lens is not None:  # static buffers: the valid tokens (eager use: the host length is current)
-                qk, qv = (QuantizedKV(t.packed[:, :, :lens[1]], t.scales[:, :, :lens[1]],
-                                      None if t.zeros is None else t.zeros[:, :, :lens[1]]) for t in (qk, qv))
+                qk, qv = (QuantizedKV(t.packed[:, :, :lens[0]], t.scales[:, :, :lens[0]],
+                                      None if t.zeros is None else t.zeros[:, :, :lens[0]]) for t in (qk, qv))
             key = dequantize_kv(qk, key.shape[-1], aq.kv, key.dtype)
             value = dequantize_kv(qv, value.shape[-1], aq.kv, value.dtype)
         else:
@@ -181,7 +181,7 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
     lens_q = lens_k = None
     lens = getattr(key, _LENS, None)
     if lens is not None:  # static cache: whole buffers, valid lengths on the device (kept by the cache)
-        lens_k, lens_q = lens[2], lens[3]
+        lens_k, lens_q = lens[1], lens[2]
     # written straight into the (B, Lq, Hq, D) layout the model wants next: no transpose copy
     out = torch.empty((bsz, lq, hq, d), dtype=query.dtype, device=query.device)
     kv4_attention_triton(q8.view(q.shape), qs.view(bsz, hq, lq), qk.packed, qk.scales, qv.packed, qv.scales, scale,
@@ -208,6 +208,16 @@ def _write(dst: QuantizedKV, start: int, src: QuantizedKV) -> None:
         dst.zeros[:, :, start:stop] = src.zeros
 
 
+class _StaticLengths:
+    """A static cache's device-side lengths: the write position len_dev (() int64), the attention kernel's (B,)
+    int32 key lengths lens32 and its decode query lengths lq32 by (batch, tokens)."""
+
+    def __init__(self):
+        self.len_dev: torch.Tensor | None = None
+        self.lens32: torch.Tensor | None = None
+        self.lq32: dict = {}
+
+
 def _make_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -230,12 +240,17 @@ def _make_layer_class():
             # the device, attention over the whole buffers with device-side lengths: a step has fixed
             # shapes and no host state, so it can be captured in a CUDA graph
             self.max_len = max_len
-            self._len_dev: torch.Tensor | None = None
-            # the attention kernel's (B,) int32 key lengths, kept in step with _len_dev (one in-place add a
-            # step instead of a cast, an expand copy and a fill in every layer's attention call), and its decode
-            # query lengths (ones) by batch size
-            self._lens32: torch.Tensor | None = None
-            self._lq32: dict = {}
+            # the device-side lengths, shared by the layers of one cache (make_cache): every layer writes at
+            # len_dev, the first layer of a step moves the attention kernel's (B,) int32 key lengths (lens32)
+            # on, the last moves len_dev on: two in-place adds a step, not two a layer. A layer made on its own
+            # is its own first and last.
+            self._lens_state = _StaticLengths()
+            self._first = self._last = True
+
+        @property
+        def _len_dev(self) -> torch.Tensor | None:
+            """The write position (the valid length once every layer of the step has written)."""
+            return self._lens_state.len_dev
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
@@ -281,39 +296,43 @@ def _make_layer_class():
             if self.cumulative_length + n > self.max_len:
                 raise ValueError(f"fireq: the static INT4 cache holds {self.max_len} tokens; "
                                  f"{self.cumulative_length + n} needed")
+            st = self._lens_state
             if self._buf is None:  # buffers shaped and typed like one quantized token
                 self._reserve(quantize_kv(keys[:, :, :1], spec), self.max_len, exact=True)
-                self._len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
+            if st.len_dev is None:
+                st.len_dev = torch.zeros((), dtype=torch.int64, device=key_states.device)
             if _triton_kv_write_ok(keys, spec):  # one launch each for K and V, straight into the buffers
                 from fireq_kernels.kv_write import write_kv_triton
 
                 for buf, x in zip(self._buf, (keys, value_states)):
-                    write_kv_triton(x, spec, buf, self._len_dev)
+                    write_kv_triton(x, spec, buf, st.len_dev)
             else:
                 new_k, new_v = quantize_kv(keys, spec), quantize_kv(value_states, spec)
-                pos = torch.arange(n, device=key_states.device) + self._len_dev
+                pos = torch.arange(n, device=key_states.device) + st.len_dev
                 for buf, new in zip(self._buf, (new_k, new_v)):
                     for dst, src in ((buf.packed, new.packed), (buf.scales, new.scales), (buf.zeros, new.zeros)):
                         if src is not None:  # (FP8 scales as bytes: index_copy_ has no FP8 kernels)
                             bytes_ = src.dtype.itemsize == 1
                             (dst.view(torch.uint8) if bytes_ else dst).index_copy_(
                                 2, pos, src.view(torch.uint8) if bytes_ else src)
-            self._len_dev.add_(n)
             self.cumulative_length += n  # host mirror (eager use; a replayed graph does not update it)
             b, h, _, d = key_states.shape
-            if self._lens32 is None or self._lens32.shape[0] != b:
-                self._lens32 = self._len_dev.to(torch.int32).expand(b).contiguous()
-            else:
-                self._lens32.add_(n)
-            lq32 = self._lq32.get((b, n))
+            if self._first:  # the key lengths after this step's tokens, for every layer's attention
+                if st.lens32 is None or st.lens32.shape[0] != b:
+                    st.lens32 = (st.len_dev + n).to(torch.int32).expand(b).contiguous()
+                else:
+                    st.lens32.add_(n)
+            if self._last:
+                st.len_dev.add_(n)
+            lq32 = st.lq32.get((b, n))
             if lq32 is None:  # kept for decode (n = 1: a captured step reads it); a prompt's made afresh
                 lq32 = torch.full((b,), n, dtype=torch.int32, device=key_states.device)
                 if n == 1:
-                    self._lq32[(b, n)] = lq32
+                    st.lq32[(b, n)] = lq32
             k = key_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
             v = value_states.new_empty((1, 1, 1, 1)).expand(b, h, self.max_len, d)
             setattr(k, _PACKED, (self._buf[0], self._buf[1]))
-            setattr(k, _LENS, (self._len_dev, self.cumulative_length, self._lens32, lq32))
+            setattr(k, _LENS, (self.cumulative_length, st.lens32, lq32))
             return k, v
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -340,10 +359,11 @@ def _make_layer_class():
             return self.cumulative_length
 
         def reset(self) -> None:
-            if self.max_len is not None and self._len_dev is not None:  # static: keep the buffers' addresses
-                self._len_dev.zero_()
-                if self._lens32 is not None:
-                    self._lens32.zero_()
+            st = self._lens_state
+            if self.max_len is not None and st.len_dev is not None:  # static: keep the buffers' addresses
+                st.len_dev.zero_()
+                if st.lens32 is not None:
+                    st.lens32.zero_()
                 self.cumulative_length = 0
                 return
             self._buf = None
@@ -378,4 +398,8 @@ def make_cache(model: nn.Module, max_len: int | None = None):
     from ..models.registry import decoder_layers
 
     layer_cls = _make_layer_class()
-    return Cache(layers=[layer_cls(layer.self_attn, max_len) for layer in decoder_layers(model)])
+    layers = [layer_cls(layer.self_attn, max_len) for layer in decoder_layers(model)]
+    for i, layer in enumerate(layers):  # one set of device-side lengths (static mode), moved on once a step
+        layer._lens_state = layers[0]._lens_state
+        layer._first, layer._last = i == 0, i == len(layers) - 1
+    return Cache(layers=layers)
