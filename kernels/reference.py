@@ -15,7 +15,7 @@ from fireq.formats.int4 import unpack_int4 as unpack_int4_ref  # noqa: E402
 
 __all__ = ["quantize_fp8_rows_ref", "group_scales_ref", "unpack_int4_ref", "w4a8_gemm_ref", "w4a8_linear_ref",
            "code_histogram", "fp8_row_factors", "fp8_row_rescale", "int4_to_fp8_ref", "w4a8_prefill_fp8_ref", "w4a8_linear_fp8_ref",
-           "kv4_attention_ref", "stage_kv_ref", "rmsnorm_ref"]
+           "kv4_attention_ref", "stage_kv_ref", "rmsnorm_ref", "rope_ref", "argmax_rows_ref"]
 
 
 def w4a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
@@ -295,6 +295,11 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: boo
     if plus_one:
         return (y * (1.0 + weight.float())).type_as(x)
     return weight * y.to(x.dtype)
+
+
+def argmax_rows_ref(x: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B, 1) int64: each row's first index of its largest value (NaN counts as the largest)."""
+    return torch.argmax(x, dim=-1, keepdim=True)
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
