@@ -437,14 +437,9 @@ def _attn_fwd(
 
 
 @triton.jit
-def _combine(part_ptr, lse_ptr, out_ptr, q8_ptr, qs_ptr, sync_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_ol, Lq, NROWS,
-             HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr, FP8: tl.constexpr,
-             ROW2: tl.constexpr, EXACT_ROUND: tl.constexpr):
-    """out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one program per (b, h, q).
-    FP8: also each (b, q) row of the Hq heads' outputs (as stored) quantized to FP8 per row, q8 (B Lq, Hq D) and
-    qs (B Lq,), exactly as quantize_fp8_rows_triton would: every program folds its head's largest |value| into the
-    row's maximum (sync_ptr[NROWS + row], float bits: non-negative, so integer order) and counts itself in
-    (sync_ptr[row]); the last of the row's Hq programs quantizes the row and zeroes both words again."""
+def _combine(part_ptr, lse_ptr, out_ptr, s_pb, s_ph, s_pl, s_ps, s_ob, s_oh, s_ol, Lq,
+             HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
+    """out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one program per (b, h, q)."""
     pid = tl.program_id(0)
     qpos = pid % Lq
     bh = pid // Lq
@@ -460,52 +455,7 @@ def _combine(part_ptr, lse_ptr, out_ptr, q8_ptr, qs_ptr, sync_ptr, s_pb, s_ph, s
     part = tl.load(part_ptr + b * s_pb + h * s_ph + qpos * s_pl + offs_s[:, None] * s_ps + offs_d[None, :],
                    mask=s_ok[:, None], other=0.0)
     o = tl.sum(part * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
-    y = o.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * s_ob + h * s_oh + qpos * s_ol + offs_d, y)
-    if FP8:
-        row = b * Lq + qpos
-        amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)
-        tl.atomic_max(sync_ptr + NROWS + row, amax.to(tl.int32, bitcast=True), sem="relaxed")
-        tl.debug_barrier()  # every thread's output stores come before the count
-        arrived = tl.atomic_add(sync_ptr + row, 1, sem="acq_rel")
-        if arrived == HQ - 1:
-            bits = tl.atomic_xchg(sync_ptr + NROWS + row, 0, sem="acq_rel")
-            tl.atomic_xchg(sync_ptr + row, 0, sem="relaxed")
-            sc = tl.maximum(bits.to(tl.float32, bitcast=True) / 448.0, 1.1754943508222875e-38)
-            offs = tl.arange(0, ROW2)
-            ok = offs < HQ * D
-            x = tl.load(out_ptr + b * s_ob + qpos * s_ol + (offs // D) * s_oh + offs % D, mask=ok, other=0.0,
-                        volatile=True).to(tl.float32)
-            v = tl.minimum(tl.maximum(tl.math.div_rn(x, sc), -448.0), 448.0)
-            if EXACT_ROUND:
-                v = _round_to_fp8_grid(v)
-            tl.store(q8_ptr + row.to(tl.int64) * (HQ * D) + offs, v.to(tl.float8e4nv), mask=ok)
-            tl.store(qs_ptr + row, sc)
-
-
-_SYNC: dict = {}
-
-
-def _combine_sync(device: torch.device, nrows: int) -> torch.Tensor:
-    """Zeroed int32 words for the combine's FP8 rows (a count and a maximum a row), one buffer per device, left
-    zeroed by every call."""
-    buf = _SYNC.get(device)
-    if buf is None or buf.numel() < 2 * nrows:
-        buf = torch.zeros(2 * max(nrows, 1024), dtype=torch.int32, device=device)
-        _SYNC[device] = buf
-    return buf
-
-
-def _fp8_rows_after(out: torch.Tensor, fp8_rows) -> torch.Tensor:
-    """fp8_rows filled from out (B, Hq, Lq, D) by the row quantizer, where no combine did it; returns out."""
-    if fp8_rows is not None:
-        from .gemm_w4a8 import quantize_fp8_rows_triton
-
-        b, hq, lq, d = out.shape
-        q8, qs = quantize_fp8_rows_triton(out.transpose(1, 2).reshape(b * lq, hq * d))
-        fp8_rows[0].copy_(q8)
-        fp8_rows[1].copy_(qs)
-    return out
+    tl.store(out_ptr + b * s_ob + h * s_oh + qpos * s_ol + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -804,8 +754,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
                          num_stages: int | None = None, seqlens_q: torch.Tensor | None = None,
                          seqlens_k: torch.Tensor | None = None, pv_fp8: bool = False,
                          out: torch.Tensor | None = None, staged: bool | None = None,
-                         max_regs: int | None = None,
-                         fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         max_regs: int | None = None) -> torch.Tensor:
     """See the module docstring for shapes. Returns (B, Hq, Lq, D).
 
     Ragged batches: seqlens_q, seqlens_k (B,) int32 on the device; sequence b's queries are rows
@@ -825,11 +774,6 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
 
     max_regs (unstaged kernel, GPU): a cap on registers a thread (Triton's maxnreg), for more programs an SM
     at the cost of spills; None: the compiler's choice.
-
-    fp8_rows: (q8 (B Lq, Hq D) float8_e4m3fn, qs (B Lq, 1) fp32) to fill with the output's per-row FP8
-    quantization, each (b, q) row of the Hq heads' outputs as stored, equal to quantize_fp8_rows_triton of
-    the output as (B, Lq, Hq D) (what a quantized o_proj takes next): inside the split combine when there is
-    one, else by that quantizer after the kernel.
 
     staged (prefill, one scale a token, one split): the cache is first turned into MMA-ready codes
     (stage_kv_triton: K as FP8 codes, V as fp16 codes or, with pv_fp8, FP8 codes along tokens), once,
@@ -922,11 +866,6 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         if out.shape != (bsz, hq, lq, d) or out.dtype != out_dtype or out.stride(-1) != 1 or out.device != dev:
             raise ValueError(f"kv4_attention_triton: out must be ({bsz}, {hq}, {lq}, {d}) {out_dtype} on the "
                              "device with a contiguous last dim")
-    if fp8_rows is not None and (fp8_rows[0].shape != (bsz * lq, hq * d) or fp8_rows[0].dtype != torch.float8_e4m3fn
-                                 or fp8_rows[1].shape != (bsz * lq, 1) or fp8_rows[1].dtype != torch.float32
-                                 or not fp8_rows[0].is_contiguous() or not fp8_rows[1].is_contiguous()):
-        raise ValueError(f"kv4_attention_triton: fp8_rows must be contiguous ({bsz * lq}, {hq * d}) float8_e4m3fn and "
-                         f"({bsz * lq}, 1) float32")
     if splits > 1:
         part = torch.empty((bsz, hq, lq, splits, d), dtype=torch.float32, device=dev)
         lse = torch.empty((bsz, hq, lq, splits), dtype=torch.float32, device=dev)
@@ -983,7 +922,7 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
             PV_FP8=pv_fp8, EXACT_ROUND=pv_fp8 and not q8.is_cuda, TMA=tma, BIAS_MMA=bias_mma, BIAS_BF16=bias_mma and q8.is_cuda,
             V_SCALED=v_scaled, KS_TMA=ks_tma, KS_PREFETCH=STAGED_KS_PREFETCH, num_warps=num_warps,
             num_stages=num_stages)
-        return _fp8_rows_after(out, fp8_rows)
+        return out
     grid = (triton.cdiv(rows, bm), bsz * hkv, splits)
     # TMA for the code tiles: one group a token, heads laid out evenly (a 3-d view over batch and heads)
     tma = (UNSTAGED_TMA and (UNSTAGED_TMA_SYM or not sym) and g == d and q8.is_cuda and torch.cuda.get_device_capability(dev) >= (9, 0)
@@ -1011,15 +950,10 @@ def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tenso
         **({} if max_regs is None else dict(maxnreg=max_regs)),
     )
     if splits == 1:
-        return _fp8_rows_after(out, fp8_rows)
+        return out
     if out is None:
         out = torch.empty((bsz, hq, lq, d), dtype=out_dtype, device=dev)
-    fp8 = fp8_rows is not None
-    nrows = bsz * lq
-    sync = _combine_sync(dev, nrows) if fp8 else lse
-    _combine[(bsz * hq * lq,)](part, lse, out, fp8_rows[0] if fp8 else lse, fp8_rows[1] if fp8 else lse, sync,
-                               part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-                               out.stride(0), out.stride(1), out.stride(2), lq, nrows, HQ=hq, D=d, SPLITS=splits,
-                               SP2=triton.next_power_of_2(splits), FP8=fp8, ROW2=triton.next_power_of_2(hq * d),
-                               EXACT_ROUND=fp8 and not q8.is_cuda)
+    _combine[(bsz * hq * lq,)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+                               out.stride(0), out.stride(1), out.stride(2), lq, HQ=hq, D=d, SPLITS=splits,
+                               SP2=triton.next_power_of_2(splits))
     return out

@@ -763,21 +763,6 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
     return out
 
 
-def fp8_rows_of(x: torch.Tensor, rows: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The FP8 per-token quantization (q, s) of x as `rows` (R, K) that the kernel which made x hung on it
-    (FP8_ATTR: the RMSNorm's, fireq.nn.norm; the attention's on its output buffer, whose views the model
-    passes on: taken from x's base when x covers the base's memory in the same order), provided x was not
-    written since; else None."""
-    for t in (x, x._base):
-        pre = None if t is None else getattr(t, FP8_ATTR, None)
-        if pre is None or pre[0].shape != tuple(rows) or pre[2] != x._version:
-            continue
-        if t is x or (x.is_contiguous() and t.is_contiguous() and x.data_ptr() == t.data_ptr()
-                      and x.numel() == t.numel()):
-            return pre[0], pre[1]
-    return None
-
-
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
                        group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0,
                        epilogue: str | None = None, log2_multiplier2: int | None = None,
@@ -786,9 +771,9 @@ def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.T
     quantization, then the GEMM (with its epilogue; residual (..., N or N/2) added last)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    pre = fp8_rows_of(x, x2.shape)
-    if pre is not None:
-        xq, xs = pre
+    pre = getattr(x, FP8_ATTR, None)  # quantized already, by the RMSNorm that made x (fireq.nn.norm)
+    if pre is not None and pre[0].shape == x2.shape and pre[2] == x._version:  # (and not written since)
+        xq, xs = pre[0], pre[1]
     else:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

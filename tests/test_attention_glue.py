@@ -150,32 +150,3 @@ def test_rope_fp8_queries_taken_while_current():
     qo.mul_(1)  # written since (same values): the stale copy is ignored
     again, _ = attention._kernel_forward(mod, qo, ko, v, 32 ** -0.5, mod.fireq_attn, {})
     assert torch.equal(again, plain)
-
-
-def test_decode_output_carries_o_proj_fp8_rows():
-    """At decode, with a quantized o_proj, the attention output carries its FP8 rows; the (B, Lq, Hq D) view the
-    model passes to o_proj finds them (fp8_rows_of), and w4a8_linear_triton takes them while unwritten."""
-    from fireq.formats.int4 import quantize_int4
-    from fireq.nn.linear import QuantLinear
-    from fireq_kernels.gemm_w4a8 import FP8_ATTR, fp8_rows_of, quantize_fp8_rows_triton
-
-    mod = nn.Module()
-    mod.is_causal = True
-    mod.num_key_value_groups = 2
-    attention.attach(mod, attention.AttentionQuant(KVSpec(symmetric=False), True))
-    g = torch.Generator().manual_seed(9)
-    q = torch.randn(2, 4, 1, 32, generator=g).to(DEV, torch.bfloat16)
-    k = torch.randn(2, 2, 9, 32, generator=g).to(DEV, torch.bfloat16)
-    v = torch.randn(2, 2, 9, 32, generator=g).to(DEV, torch.bfloat16)
-    out, _ = attention._kernel_forward(mod, q, k, v, 32 ** -0.5, mod.fireq_attn, {})
-    assert getattr(out, FP8_ATTR, None) is None  # no quantized o_proj: nothing extra
-    mod.o_proj = QuantLinear.from_quantized(quantize_int4(torch.randn(128, 128, generator=g) * 0.05, 32),
-                                            None, dtype=torch.bfloat16)
-    out, _ = attention._kernel_forward(mod, q, k, v, 32 ** -0.5, mod.fireq_attn, {})
-    view = out.reshape(2, 1, -1).contiguous()
-    got = fp8_rows_of(view, (2, 128))
-    w8, ws = quantize_fp8_rows_triton(view.reshape(2, 128))
-    assert got is not None and torch.equal(got[0].view(torch.uint8), w8.view(torch.uint8)) and torch.equal(got[1], ws)
-    assert fp8_rows_of(out[:1].reshape(1, 1, -1), (1, 128)) is None  # part of the buffer: not its rows
-    out.mul_(1)  # written since
-    assert fp8_rows_of(view, (2, 128)) is None

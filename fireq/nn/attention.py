@@ -184,24 +184,10 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
         lens_k, lens_q = lens[1], lens[2]
     # written straight into the (B, Lq, Hq, D) layout the model wants next: no transpose copy
     out = torch.empty((bsz, lq, hq, d), dtype=query.dtype, device=query.device)
-    rows = None
-    if lq == 1 and _o_proj_fp8(module):  # decode: the split combine also writes o_proj's FP8 activations
-        rows = (torch.empty((bsz, hq * d), dtype=torch.float8_e4m3fn, device=query.device),
-                torch.empty((bsz, 1), dtype=torch.float32, device=query.device))
     kv4_attention_triton(q8.view(q.shape), qs.view(bsz, hq, lq), qk.packed, qk.scales, qv.packed, qv.scales, scale,
                          causal=causal, window=int(window), k_zero=qk.zeros, v_zero=qv.zeros, out_dtype=query.dtype,
-                         seqlens_q=lens_q, seqlens_k=lens_k, out=out.transpose(1, 2), fp8_rows=rows)
-    if rows is not None:  # taken by o_proj's w4a8_linear_triton from the (B, Lq, Hq D) view the model makes of out
-        setattr(out, FP8_ATTR, (*rows, out._version))
+                         seqlens_q=lens_q, seqlens_k=lens_k, out=out.transpose(1, 2))
     return out, None
-
-
-def _o_proj_fp8(module) -> bool:
-    """Whether the attention's output projection is a quantized linear with FP8 activations (fireq.nn.linear)."""
-    from .linear import QuantLinear
-
-    o = getattr(module, "o_proj", None)
-    return isinstance(o, QuantLinear) and bool(o.act_quant)
 
 
 def register() -> None:

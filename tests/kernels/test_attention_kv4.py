@@ -254,31 +254,6 @@ def test_output_into_strided_buffer(lq, splits):
     assert b.data_ptr() == buf.data_ptr() and torch.equal(a, b) and torch.equal(buf, a.transpose(1, 2))
 
 
-@pytest.mark.parametrize("hq,lq,splits,dt", [(4, 1, 3, torch.bfloat16), (6, 2, 2, torch.float16),
-                                             (4, 1, 1, torch.bfloat16), (6, 3, None, torch.float32)])
-def test_fp8_rows_of_the_output(hq, lq, splits, dt):
-    """fp8_rows: the output's per-(b, q) rows of Hq heads quantized to FP8 (inside the split combine, or by the
-    quantizer after a single split), equal bit for bit to quantize_fp8_rows_triton of the stored output; the
-    combine's counters are left zeroed (a second call gives the same)."""
-    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton
-
-    d = 64 if GPU else 32
-    spec = KVSpec(symmetric=True)
-    q8, qs, qk, qv, _, _ = _case(2, hq, 2, lq, 40, d, spec, seed=hq + lq)
-    ops = (q8.to(DEV), qs.squeeze(-1).to(DEV), qk.packed.to(DEV), qk.scales.to(DEV), qv.packed.to(DEV),
-           qv.scales.to(DEV), 1 / math.sqrt(d))
-    buf = torch.empty((2, lq, hq, d), dtype=dt, device=DEV)
-    for _ in range(2):
-        rows = (torch.empty((2 * lq, hq * d), dtype=torch.float8_e4m3fn, device=DEV),
-                torch.empty((2 * lq, 1), dtype=torch.float32, device=DEV))
-        kv4_attention_triton(*ops, causal=True, out_dtype=dt, splits=splits, block_n=16 if not GPU else 64,
-                             out=buf.transpose(1, 2), fp8_rows=rows)
-        w8, ws = quantize_fp8_rows_triton(buf.reshape(2 * lq, hq * d))
-        assert torch.equal(rows[0].view(torch.uint8), w8.view(torch.uint8)) and torch.equal(rows[1], ws)
-    with pytest.raises(ValueError):
-        kv4_attention_triton(*ops, causal=True, out_dtype=dt, fp8_rows=(rows[0][:1], rows[1]))
-
-
 @pytest.mark.parametrize("lq,splits", [(1, 2), (5, 1)])
 def test_strided_cache_views(lq, splits):
     """The INT4 cache hands the kernel views of larger preallocated buffers (dim 2 sliced): the result
