@@ -165,6 +165,23 @@ def check_scale_prefetch(dev: str, cases) -> None:
                     f"M={m} N={n} K={k} split {split}, prefetch vs off")
 
 
+def rel_err(got, ref) -> float:
+    """|got - ref| / |ref| (Frobenius), in float64."""
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+def gemm_reference(xq, x_scale, qw, group: int = 128):
+    """The W4A8 GEMM's float64 reference on the operands and its fp32 twin's relative error against it:
+    qw = (qweight, scales, log2 multiplier) in the checkpoint layout -> (ref (M, N) float64, twin error)."""
+    import torch
+
+    from fireq_kernels.reference import w4a8_gemm_ref
+
+    ref = w4a8_gemm_ref(xq, x_scale, qw[0], qw[1], qw[2], group, None, torch.float64, torch.float64)
+    twin = w4a8_gemm_ref(xq, x_scale, qw[0], qw[1], qw[2], group, None, torch.float32, torch.float32)
+    return ref, rel_err(twin, ref)
+
+
 def same_output(a, b, label: str) -> None:
     """Print the largest difference of two kernel outputs under label and require them equal bit for bit."""
     import torch

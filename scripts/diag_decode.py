@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, env_info, geomean, int4_weight_copies, table, write_json  # noqa: E402
+from _bench_util import (bench_graph, env_info, gemm_reference, geomean, int4_weight_copies, table,  # noqa: E402
+                         write_json)
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
@@ -47,7 +48,6 @@ def main() -> None:
     args = ap.parse_args()
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, m_bucket, pick_config,
                                          quantize_fp8_rows_triton, w4a8_gemm_triton)
-    from fireq_kernels.reference import w4a8_gemm_ref
 
     load_tuned()
     env = env_info()
@@ -77,9 +77,7 @@ def main() -> None:
             xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
             xq0, xs0 = xs[0]
             q0 = qws[0]
-            ref = w4a8_gemm_ref(xq0, xs0, q0[0], q0[1], q0[2], 128, None, torch.float64, torch.float64)
-            twin = w4a8_gemm_ref(xq0, xs0, q0[0], q0[1], q0[2], 128, None, torch.float32, torch.float32)
-            e_twin = ((twin.double() - ref).norm() / ref.norm()).item()
+            ref, e_twin = gemm_reference(xq0, xs0, q0)
 
             def fns(cfg):
                 return [lambda i=i, q=q: w4a8_gemm_triton(xs[i % 4][0], xs[i % 4][1], q[0], q[1], q[2], 128,

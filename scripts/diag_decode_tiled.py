@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, env_info, geomean, int4_weight_copies, table, write_json  # noqa: E402
+from _bench_util import (bench_graph, env_info, gemm_reference, geomean, int4_weight_copies, table,  # noqa: E402
+                         write_json)
 from fireq_kernels.int4cvt import nibbles_fp8  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
@@ -221,7 +222,6 @@ def main() -> None:
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, _tile_counters, load_tuned, pick_config,
                                          quantize_fp8_rows_triton, repack_half, w4a8_gemm_triton)
     from fireq_kernels.int4cvt import use_asm
-    from fireq_kernels.reference import w4a8_gemm_ref
 
     load_tuned()
     env = env_info()
@@ -292,9 +292,7 @@ def main() -> None:
             xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
             xq0, xs0 = xs[0]
             q0 = qws[0]
-            ref = w4a8_gemm_ref(xq0, xs0, q0[0], q0[1], q0[2], 128, None, torch.float64, torch.float64)
-            twin = w4a8_gemm_ref(xq0, xs0, q0[0], q0[1], q0[2], 128, None, torch.float32, torch.float32)
-            e_twin = ((twin.double() - ref).norm() / ref.norm()).item()
+            ref, e_twin = gemm_reference(xq0, xs0, q0)
             t_bf16 = bench_graph([lambda i=i: torch.matmul(xs[i % 4][0].to(torch.bfloat16), wb[i % len(wb)].t())
                                   for i in range(len(qws))])
             one = torch.ones((), device="cuda")

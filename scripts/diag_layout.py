@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import bench_graph, env_info, int4_weight_copies, table, write_json  # noqa: E402
+from _bench_util import bench_graph, env_info, gemm_reference, int4_weight_copies, table, write_json  # noqa: E402
 
 SHAPES = [(4096, 4096), (28672, 4096), (4096, 14336)]
 
@@ -26,7 +26,6 @@ def main() -> None:
     args = ap.parse_args()
     from fireq_kernels.gemm_w4a8 import (FP8_MMA_ACC_RTOL, load_tuned, pick_config, quantize_fp8_rows_triton,
                                          repack_half, w4a8_gemm_triton)
-    from fireq_kernels.reference import w4a8_gemm_ref
 
     load_tuned()
     env = env_info()
@@ -41,9 +40,7 @@ def main() -> None:
             xs = [quantize_fp8_rows_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
             xb = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
             q0 = qws[0]
-            ref = w4a8_gemm_ref(xs[0][0], xs[0][1], q0[0], q0[1], q0[2], 128, None, torch.float64, torch.float64)
-            twin = w4a8_gemm_ref(xs[0][0], xs[0][1], q0[0], q0[1], q0[2], 128, None, torch.float32, torch.float32)
-            e_twin = ((twin.double() - ref).norm() / ref.norm()).item()
+            ref, e_twin = gemm_reference(xs[0][0], xs[0][1], q0)
             t_bf16 = bench_graph([lambda i=i: torch.matmul(xb[i % 2], wb[i % len(wb)].t()) for i in range(ncopy)])
             cur = pick_config(m, n, k, 128)
             cands = [("ckpt", cur, 0), ("half", cur, 128)]
