@@ -185,27 +185,47 @@ def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl
     if ONE_PASS:  # the whole row in registers: one read
         offs = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1.1754943508222875e-38)
+        s = fp8_row_scale(tl.max(tl.abs(x), axis=0))
         tl.store(s_ptr + row, s)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
-        if EXACT_ROUND:
-            y = _round_to_fp8_grid(y)
-        tl.store(q_ptr + row * stride_q + offs, y.to(tl.float8e4nv), mask=offs < K)
+        tl.store(q_ptr + row * stride_q + offs, fp8_row_codes(x, s, EXACT_ROUND), mask=offs < K)
         return
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    s = tl.maximum(tl.max(amax, axis=0) / 448.0, 1.1754943508222875e-38)
+    s = fp8_row_scale(tl.max(amax, axis=0))
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
-        if EXACT_ROUND:
-            y = _round_to_fp8_grid(y)
-        tl.store(q_ptr + row * stride_q + offs, y.to(tl.float8e4nv), mask=offs < K)
+        tl.store(q_ptr + row * stride_q + offs, fp8_row_codes(x, s, EXACT_ROUND), mask=offs < K)
+
+
+@triton.jit
+def fp8_row_scale(amax):
+    """The per-token FP8 scale of a row whose largest |value| is amax: max(amax / 448, FLT_MIN)."""
+    return tl.maximum(amax / 448.0, 1.1754943508222875e-38)
+
+
+@triton.jit
+def fp8_row_codes(y, s, EXACT_ROUND: tl.constexpr):
+    """y (fp32) as FP8 E4M3 codes of scale s: fp8(clamp(y / s, +-448)), IEEE division (EXACT_ROUND: rounded in
+    fp32 first, for the CPU interpreter). With fp8_row_scale, the one arithmetic of every kernel that quantizes
+    activations per token (here, the RMSNorm's and the rotary embedding's FP8 outputs)."""
+    v = tl.minimum(tl.maximum(tl.math.div_rn(y, s), -448.0), 448.0)
+    if EXACT_ROUND:
+        v = _round_to_fp8_grid(v)
+    return v.to(tl.float8e4nv)
+
+
+def taken_fp8(x: torch.Tensor, rows: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The FP8 per-token quantization (q, s) of x as `rows` (R, K) that the kernel which made x hung on it
+    (FP8_ATTR), if x was not written since; else None."""
+    pre = getattr(x, FP8_ATTR, None)
+    if pre is not None and pre[0].shape == tuple(rows) and pre[2] == x._version:
+        return pre[0], pre[1]
+    return None
 
 
 @triton.jit
@@ -771,9 +791,9 @@ def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.T
     quantization, then the GEMM (with its epilogue; residual (..., N or N/2) added last)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    pre = getattr(x, FP8_ATTR, None)  # quantized already, by the RMSNorm that made x (fireq.nn.norm)
-    if pre is not None and pre[0].shape == x2.shape and pre[2] == x._version:  # (and not written since)
-        xq, xs = pre[0], pre[1]
+    pre = taken_fp8(x, x2.shape)  # quantized already, by the RMSNorm that made x (fireq.nn.norm)
+    if pre is not None:
+        xq, xs = pre
     else:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
+from .gemm_w4a8 import _interpreting, fp8_row_codes, fp8_row_scale
 
 
 @triton.jit
@@ -22,18 +22,6 @@ def _bf16_rne(y):
     fp32 -> bf16 cast truncates)."""
     bits = y.to(tl.int32, bitcast=True)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _fp8_row(y, q_row, s_ptr, offs, m, EXACT_ROUND: tl.constexpr):
-    """The FP8 per-token quantization of one row held whole (quantize_fp8_rows_triton's one-pass path):
-    s = max(max|y| / 448, FLT_MIN); q = fp8(clamp(y / s, +-448)), IEEE division."""
-    s = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1.1754943508222875e-38)
-    tl.store(s_ptr, s)
-    v = tl.minimum(tl.maximum(tl.math.div_rn(y, s), -448.0), 448.0)
-    if EXACT_ROUND:
-        v = _round_to_fp8_grid(v)
-    tl.store(q_row + offs, v.to(tl.float8e4nv), mask=m)
 
 
 @triton.jit
@@ -60,8 +48,11 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, q_ptr, s_ptr, D, stride_x, stride_o, 
         y = _bf16_rne(y)
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, y, mask=m)
-    if FP8:
-        _fp8_row(y.to(tl.float32), q_ptr + row * D, s_ptr + row, offs, m, EXACT_ROUND)
+    if FP8:  # quantize_fp8_rows_triton's one-pass arithmetic on the row as stored
+        yf = y.to(tl.float32)
+        sc = fp8_row_scale(tl.max(tl.abs(yf), axis=0))
+        tl.store(s_ptr + row, sc)
+        tl.store(q_ptr + row * D + offs, fp8_row_codes(yf, sc, EXACT_ROUND), mask=m)
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False,

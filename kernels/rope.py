@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
+from .gemm_w4a8 import _interpreting, fp8_row_codes, fp8_row_scale
 from .rmsnorm import _bf16_rne
 
 
@@ -83,16 +83,11 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q8_ptr, qs_ptr,
     tl.store(ko + half[None, :], o1.to(DT), mask=mk)
     tl.store(ko + D // 2 + half[None, :], o2.to(DT), mask=mk)
     if Q8:  # quantize_fp8_rows_triton's arithmetic on each query row as stored (o1, o2 hold DT values)
-        sc = tl.maximum(tl.maximum(tl.max(tl.abs(o1), axis=1), tl.max(tl.abs(o2), axis=1)) / 448.0,
-                        1.1754943508222875e-38)
-        v1 = tl.minimum(tl.maximum(tl.math.div_rn(o1, sc[:, None]), -448.0), 448.0)
-        v2 = tl.minimum(tl.maximum(tl.math.div_rn(o2, sc[:, None]), -448.0), 448.0)
-        if EXACT_ROUND:
-            v1 = _round_to_fp8_grid(v1)
-            v2 = _round_to_fp8_grid(v2)
+        sc = fp8_row_scale(tl.maximum(tl.max(tl.abs(o1), axis=1), tl.max(tl.abs(o2), axis=1)))
         row = (b.to(tl.int64) * HQ + h.to(tl.int64)) * L + l
-        tl.store(q8_ptr + row[:, None] * D + half[None, :], v1.to(tl.float8e4nv), mask=mq)
-        tl.store(q8_ptr + row[:, None] * D + D // 2 + half[None, :], v2.to(tl.float8e4nv), mask=mq)
+        tl.store(q8_ptr + row[:, None] * D + half[None, :], fp8_row_codes(o1, sc[:, None], EXACT_ROUND), mask=mq)
+        tl.store(q8_ptr + row[:, None] * D + D // 2 + half[None, :], fp8_row_codes(o2, sc[:, None], EXACT_ROUND),
+                 mask=mq)
         tl.store(qs_ptr + row, sc, mask=is_q)
 
 

@@ -170,12 +170,12 @@ def _kernel_forward(module, query, key, value, scaling, aq: AttentionQuant, kwar
         out = kv4_attention_op(q8, qs.squeeze(-1), qk.packed, qk.scales, qv.packed, qv.scales, scale, causal,
                                int(window), qk.zeros, qv.zeros, None, None, query.dtype)
         return out.transpose(1, 2).contiguous(), None
-    from fireq_kernels.gemm_w4a8 import FP8_ATTR, quantize_fp8_rows_triton
+    from fireq_kernels.gemm_w4a8 import quantize_fp8_rows_triton, taken_fp8
 
     bsz, hq, lq, d = query.shape
-    pre = getattr(q, FP8_ATTR, None)  # quantized already by the rotary embedding that made q (fireq.nn.rope)
-    if pre is not None and pre[2] == q._version and pre[0].shape == (bsz * hq * lq, d) and q.is_contiguous():
-        q8, qs = pre[0], pre[1]
+    pre = taken_fp8(q, (bsz * hq * lq, d)) if q.is_contiguous() else None  # by the rotary embedding (fireq.nn.rope)
+    if pre is not None:
+        q8, qs = pre
     else:  # one Triton launch (the PyTorch quantizer is several), the same values
         q8, qs = quantize_fp8_rows_triton(q.reshape(-1, q.shape[-1]))
     lens_q = lens_k = None
