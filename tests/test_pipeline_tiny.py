@@ -167,6 +167,55 @@ def test_static_cache_matches_growing_cache(checkpoints, arch):
             m(torch.zeros(2, 15, dtype=torch.long), past_key_values=cache, use_cache=True)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_prompt_then_declared_length(checkpoints, arch):
+    """What GraphDecoder's graphed prefill relies on: a prompt padded at its end (the logits of its last real
+    token picked by a tensor logits_to_keep), then set_static_length(cache, n), decodes as the unpadded prompt."""
+    from fireq.nn.attention import set_static_length, static_layers
+
+    m = fireq.load(checkpoints[arch, "default"])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 1000, (2, 12), generator=g)
+    outs = []
+    for pad in (0, 5):
+        cache = make_cache(m, max_len=24)
+        assert static_layers(cache) is not None
+        ids = torch.cat([x[:, :6], torch.zeros((2, pad), dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            steps = [m(ids, past_key_values=cache, use_cache=True, logits_to_keep=torch.tensor([5])).logits]
+            assert cache.get_seq_length() == 6 + pad
+            set_static_length(cache, 6)
+            assert cache.get_seq_length() == 6 and int(cache.layers[-1]._len_dev) == 6
+            for t in range(6, 12):
+                steps.append(m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        outs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert static_layers(make_cache(m)) is None
+    with pytest.raises(TypeError, match="static cache"):
+        set_static_length(make_cache(m), 3)
+    with pytest.raises(ValueError, match="outside"):
+        set_static_length(make_cache(m, max_len=24), 25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_decoder_graphed_prefill_matches_eager(checkpoints):
+    """GraphDecoder's graphed prefill (prompt padded to a captured length) gives the eager prefill's tokens,
+    at two prompt lengths of one captured length and at one of another."""
+    from fireq.nn.graphs import GraphDecoder
+
+    m = fireq.load(checkpoints["llama", "rtn"], device="cuda")
+    g = torch.Generator().manual_seed(4)
+    for n in (37, 100, 200):
+        x = torch.randint(0, 1000, (1, n), generator=g).cuda()
+        eager = GraphDecoder(m, 1, 320, prefill_graphs=0)
+        graphed = GraphDecoder(m, 1, 320)
+        assert eager.prefill_length(n) is None and graphed.prefill_length(n) == (128 if n <= 128 else 256)
+        a, b = eager.generate(x, 12), graphed.generate(x, 12)
+        assert torch.equal(a, b), (n, a[0, n:].tolist(), b[0, n:].tolist())
+    again = graphed.generate(x, 12)  # a replay of the captured length
+    assert torch.equal(again, b)
+
+
 def test_graph_decoder_needs_cuda(checkpoints):
     from fireq.errors import FireqError
     from fireq.nn.graphs import GraphDecoder

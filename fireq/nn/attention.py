@@ -387,6 +387,32 @@ def _make_layer_class():
     return FireqKVLayer
 
 
+def static_layers(cache) -> list | None:
+    """The layers of a static INT4 cache made by make_cache(model, max_len), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(getattr(x, "_lens_state", None) is not None and x.max_len for x in layers):
+        return None
+    return list(layers)
+
+
+def set_static_length(cache, n: int) -> None:
+    """Declare the first n tokens of a static INT4 cache valid (on the host and the device), whatever was
+    written after them: a prompt padded to a captured length leaves its pad tokens there, and decoding then
+    goes on at position n, overwriting them (GraphDecoder's graphed prefill)."""
+    layers = static_layers(cache)
+    if layers is None:
+        raise TypeError("set_static_length needs a static cache from make_cache(model, max_len)")
+    if not 0 <= n <= layers[0].max_len:
+        raise ValueError(f"length {n} outside the cache's 0..{layers[0].max_len}")
+    st = layers[0]._lens_state
+    for x in layers:
+        x.cumulative_length = n
+    if st.len_dev is not None:
+        st.len_dev.fill_(n)
+    if st.lens32 is not None:
+        st.lens32.fill_(n)
+
+
 def make_cache(model: nn.Module, max_len: int | None = None):
     """A transformers Cache whose layers store K and V as packed INT4 (fireq's format).
 

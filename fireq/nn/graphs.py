@@ -8,8 +8,19 @@ captured once in a CUDA graph and replayed for every token:
     dec = GraphDecoder(model, batch_size=1, max_len=2048)
     tokens = dec.generate(input_ids, max_new_tokens=128)   # (B, prompt + 128)
 
-The prompt runs eagerly (prefill), the first decode step eagerly too (it settles every lazy choice:
-weight layouts, first-use checks, log2 multipliers), then the step is captured and replayed. Sequences
+The first decode step runs eagerly (it settles every lazy choice: weight layouts, first-use checks, log2
+multipliers), then the step is captured and replayed.
+
+Prompts are graphed too, where the host is the limit: an eager prefill of a short prompt is Python and
+launches (an 8-layer Llama-3-8B-shaped model at 1024 tokens: 14 ms on the host for 6.4 ms of kernels on an
+H200, benchmarks/results/prefill-profile-h200.json). A prompt of n <= prefill_graphs tokens (default 2048)
+on the static INT4 cache is padded to the next power of two P >= 128, and the prefill of P tokens is
+captured once per P (after one eager run of it) and replayed. The pad tokens come after the prompt, so
+causal attention keeps them out of its positions; their K and V are written past the prompt and the cache
+is then declared n tokens long (set_static_length), so decoding overwrites them; the logits are those of
+position n - 1 (logits_to_keep as a device index). Each captured length keeps its own memory pool (the
+activations of P tokens). Choices made by token count (the FP8 prefill path's min_tokens) see P. Longer
+prompts, other caches and models without logits_to_keep run eagerly. Sequences
 are unpadded and of one length (no attention mask); sampling is greedy (argmax inside the graph: the
 two-launch row argmax of fireq_kernels.argmax, torch.argmax's result in a tenth of its time at a 128K vocabulary).
 """
@@ -24,9 +35,10 @@ from ..errors import FireqError
 
 class GraphDecoder:
     """model: a fireq model on a CUDA device (fireq.load(..., device="cuda")). cache: any transformers cache
-    with device-side positions (default: the static INT4 cache of max_len tokens)."""
+    with device-side positions (default: the static INT4 cache of max_len tokens). prefill_graphs: the
+    longest prompt whose prefill is a graph replay (0: every prefill eager)."""
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cache=None):
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cache=None, prefill_graphs: int = 2048):
         from .attention import make_cache
 
         dev = next(model.parameters()).device
@@ -42,6 +54,9 @@ class GraphDecoder:
 
         # only the last position's logits (a prompt's full logits can take gigabytes)
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.prefill_graphs = prefill_graphs
+        # captured prefills by padded length P: (graph, ids (B, P), positions, index of the last prompt token)
+        self._prefills: dict[int, tuple] = {}
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, **self._keep)
@@ -65,11 +80,63 @@ class GraphDecoder:
             raise FireqError(f"GraphDecoder was built for batch {self.ids.shape[0]}, got {b}")
         if n >= self.max_len:
             raise FireqError(f"prompt of {n} tokens does not fit max_len={self.max_len}")
-        self.cache.reset()
-        pos = torch.arange(n, device=input_ids.device).expand(b, n)
-        self._next(self._forward(input_ids, pos))
+        p = self.prefill_length(n)
+        if p is not None:
+            self._prefill_graphed(input_ids, p)
+        else:
+            self.cache.reset()
+            pos = torch.arange(n, device=input_ids.device).expand(b, n)
+            self._next(self._forward(input_ids, pos))
         self.pos.fill_(n)
         return self.ids.clone()
+
+    def prefill_length(self, n: int) -> int | None:
+        """The padded length a prompt of n tokens is graphed at, or None where its prefill runs eagerly."""
+        from .attention import static_layers
+
+        if not self._keep or n > self.prefill_graphs or static_layers(self.cache) is None:
+            return None
+        p = 128
+        while p < n:
+            p *= 2
+        return p if p <= self.max_len else None
+
+    def _prefill_body(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> None:
+        out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=last)
+        self._next(out.logits[:, -1])
+
+    def _prefill_graphed(self, input_ids: torch.Tensor, p: int) -> None:
+        """The prompt padded to p tokens, through the captured prefill of p tokens (captured on first use)."""
+        from .attention import set_static_length
+
+        b, n = input_ids.shape
+        entry = self._prefills.get(p)
+        fresh = entry is None
+        if fresh:
+            dev = input_ids.device
+            ids = torch.zeros((b, p), dtype=torch.long, device=dev)
+            pos = torch.arange(p, device=dev).expand(b, p)
+            last = torch.zeros((1,), dtype=torch.long, device=dev)
+            entry = (None, ids, pos, last)
+        graph, ids, pos, last = entry
+        ids[:, :n].copy_(input_ids)
+        ids[:, n:].zero_()  # pad token 0: any token does, the prompt's positions never see it
+        last.fill_(n - 1)
+        if fresh:  # one eager run of this length settles lazy choices (compiles, first-call checks), then capture
+            self.cache.reset()
+            self._prefill_body(ids, pos, last)
+            torch.cuda.synchronize()
+            self.cache.reset()
+            graph = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+                self._prefill_body(ids, pos, last)  # recorded, not run
+            torch.cuda.current_stream().wait_stream(s)
+            self._prefills[p] = (graph, ids, pos, last)
+        self.cache.reset()
+        graph.replay()
+        set_static_length(self.cache, n)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
