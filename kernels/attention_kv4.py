@@ -474,45 +474,49 @@ def _stage_kv(k_ptr, kz_ptr, v_ptr, vz_ptr, vs_ptr, k8_ptr, vo_ptr, vmax_ptr, lk
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    if HAS_LENS:  # a ragged batch in a longer buffer (static cache): only whole key tiles the attention can
-        # read (its tiles start at multiples of BN <= STAGE_ALIGN) are staged
-        if pid_t * BT >= tl.cdiv(tl.load(lk_ptr + b), STAGE_ALIGN) * STAGE_ALIGN:
-            return
     tok = pid_t * BT + tl.arange(0, BT)
     ok = tok < Lk
+    valid = ok
+    if HAS_LENS:  # a ragged batch in a longer buffer (static cache): only whole key tiles the attention can
+        # read (its tiles start at multiples of BN <= STAGE_ALIGN) are staged
+        LKB = tl.load(lk_ptr + b)
+        if pid_t * BT >= tl.cdiv(LKB, STAGE_ALIGN) * STAGE_ALIGN:
+            return
+        # keys past the sequence's length are staged as zeros: the attention loads a tile's tail whole (by
+        # TMA) and multiplies it by p = 0, and what a buffer holds there (never written, or a previous
+        # sequence's) can stage as Inf (codes minus a stray zero point, times its scale, past fp16) or NaN
+        valid = tok < LKB
     offs = tl.arange(0, D // 2)
     src = b * s_kb + hk * s_kh + tok[:, None] * s_kl + offs[None, :]
     sbase = b * s_ksb + hk * s_ksh + tok * s_ksl
-    kc = tl.load(k_ptr + src, mask=ok[:, None], other=0)
-    vc = tl.load(v_ptr + src, mask=ok[:, None], other=0)
+    kc = tl.load(k_ptr + src, mask=valid[:, None], other=0)
+    vc = tl.load(v_ptr + src, mask=valid[:, None], other=0)
     if SYM:
         kz = kc
         vz = vc
     else:
-        kz = tl.load(kz_ptr + sbase, mask=ok, other=0)[:, None]
-        vz = tl.load(vz_ptr + sbase, mask=ok, other=0)[:, None]
+        kz = tl.load(kz_ptr + sbase, mask=valid, other=0)[:, None]
+        vz = tl.load(vz_ptr + sbase, mask=valid, other=0)[:, None]
     klo, khi = nibbles_fp8(kc, kz, SYM, not SYM, ASM)
     dst = (bh * Lk + tok[:, None]) * D + offs[None, :]  # k8: (B, Hkv, Lk, D) contiguous
     tl.store(k8_ptr + dst, klo, mask=ok[:, None])
     tl.store(k8_ptr + dst + D // 2, khi, mask=ok[:, None])
     if KS_COPY:
-        ks = tl.load(ks_ptr + sbase, mask=ok, other=0.0).to(ksc_ptr.dtype.element_ty)
+        ks = tl.load(ks_ptr + sbase, mask=valid, other=0.0).to(ksc_ptr.dtype.element_ty)
         tl.store(ksc_ptr + bh * Lk + tok, ks, mask=ok)
     if PV_FP8:
         vlo, vhi = nibbles_fp8(vc, vz, SYM, not SYM, ASM)
     else:
         vlo, vhi = nibbles_f16(vc, vz, SYM, not SYM, ASM)
         if V_SCALED:
-            vsc = tl.load(vs_ptr + sbase, mask=ok, other=0.0).to(tl.float16)[:, None]
+            vsc = tl.load(vs_ptr + sbase, mask=valid, other=0.0).to(tl.float16)[:, None]
             vlo = vlo * vsc
             vhi = vhi * vsc
     vdst = b * s_vob + hk * s_voh + tok[:, None] * s_vol + offs[None, :] * s_vod
     tl.store(vo_ptr + vdst, vlo, mask=ok[:, None])
     tl.store(vo_ptr + vdst + (D // 2) * s_vod, vhi, mask=ok[:, None])
     if PV_FP8:
-        if HAS_LENS:
-            ok = ok & (tok < tl.load(lk_ptr + b))
-        vs = tl.load(vs_ptr + sbase, mask=ok, other=0.0).to(tl.float32)
+        vs = tl.load(vs_ptr + sbase, mask=valid, other=0.0).to(tl.float32)
         tl.atomic_max(vmax_ptr + bh, tl.max(vs, axis=0))
 
 
@@ -702,7 +706,8 @@ def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_z
     (B, Hkv, Lk, D) view of (B, Hkv, D, Lk') storage, Lk' = Lk rounded up to 16) and vmax (B * Hkv,) fp32
     the largest V scale of each head's valid keys (None without pv_fp8). Codes minus zero points: exact
     small integers. With seqlens_k only the first seqlens_k[b] keys rounded up to STAGE_ALIGN are written
-    (the rest of a long static-cache buffer is never read). v_scaled (fp16 V only; None: when the scales
+    (the rest of a long static-cache buffer is never read), those past seqlens_k[b] as zeros (whatever the
+    buffer holds there). v_scaled (fp16 V only; None: when the scales
     are FP8, where it is exact): V as fp16 codes times their token's scale, so the attention loop needs no
     V scale. Returns (k8, vo, vmax, ks_copy): ks_copy, with k_scale given (sharing v_scale's strides), the key
     scales as a (B, Hkv, Lk) copy (fp16 for FP8 scales, exact; fp32 otherwise), else None. Twin:

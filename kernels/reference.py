@@ -260,8 +260,9 @@ def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero
     v_scale, k_scale: (B, Hkv, Lk, 1); k_zero, v_zero: (B, Hkv, Lk, 1) uint8 or None. Returns (k8 (B, Hkv,
     Lk, D) float8 codes, vo (B, Hkv, Lk, D) fp16 or (pv_fp8) float8 codes, vmax (B * Hkv,) fp32 the largest
     V scale of each head's first seqlens_k[b] keys, or None, ks_copy (B, Hkv, Lk) the key scales in fp16
-    for FP8 scales (exact) or fp32, or None without k_scale). v_scaled (fp16 V): codes times the token's
-    V scale, rounded to fp16 (exact for FP8 scales)."""
+    for FP8 scales (exact) or fp32, or None without k_scale); with seqlens_k, keys past seqlens_k[b] are
+    zeros in all three. v_scaled (fp16 V): codes times the token's V scale, rounded to fp16 (exact for FP8
+    scales)."""
     from fireq.formats.kv import unpack_kv_codes
 
     d = 2 * k.shape[-1]
@@ -271,18 +272,21 @@ def stage_kv_ref(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero
     if not sym:
         kc = kc - k_zero.float()
         vc = vc - v_zero.float()
-    k8 = kc.to(torch.float8_e4m3fn)
+    keep = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)  # (B, Hkv, Lk)
+    if seqlens_k is not None:  # keys past a sequence's length: zeros
+        keep = (torch.arange(k.shape[2], device=k.device)[None, :] < seqlens_k.to(k.device)[:, None])[:, None, :]
+        keep = keep.expand(k.shape[:3])
+    k8 = torch.where(keep[..., None], kc, 0.0).to(torch.float8_e4m3fn)
     ks_copy = None
     if k_scale is not None:
-        ks_copy = k_scale[..., 0].to(torch.float16 if k_scale.dtype == torch.float8_e4m3fn else torch.float32)
+        ks = torch.where(keep, k_scale[..., 0].float(), 0.0)
+        ks_copy = ks.to(torch.float16 if k_scale.dtype == torch.float8_e4m3fn else torch.float32)
     if not pv_fp8:
         if v_scaled:
             vc = vc * v_scale.float()
-        return k8, vc.to(torch.float16), None, ks_copy
-    vs = v_scale[..., 0].float()
-    if seqlens_k is not None:
-        keep = torch.arange(vs.shape[-1], device=vs.device)[None, :] < seqlens_k.to(vs.device)[:, None]
-        vs = vs * keep[:, None, :]
+        return k8, torch.where(keep[..., None], vc, 0.0).to(torch.float16), None, ks_copy
+    vc = torch.where(keep[..., None], vc, 0.0)
+    vs = torch.where(keep, v_scale[..., 0].float(), 0.0)
     return k8, vc.to(torch.float8_e4m3fn), vs.amax(dim=-1).clamp_min(0).reshape(-1), ks_copy
 
 

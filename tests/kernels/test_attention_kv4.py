@@ -284,11 +284,18 @@ def test_strided_cache_views(lq, splits):
 def test_stage_kv_matches_twin(sym, pv_fp8, v_scaled):
     """The staging kernel (the cache as MMA-ready codes for the staged prefill) equals its twin exactly,
     V along tokens for the FP8 P.V, V as codes times scales for v_scaled; the largest V scale only over
-    each sequence's valid keys."""
+    each sequence's valid keys; keys past a sequence's length staged as zeros, whatever the buffer holds
+    there (here: stray bytes, scales that are NaN in E4M3)."""
     spec = KVSpec(symmetric=sym)
     d = 64 if GPU else 32
     _, _, qk, qv, _, _ = _case(3, 2, 2, 1, 37, d, spec, seed=11 + sym + 2 * pv_fp8)
     lens = torch.tensor([37, 20, 5])
+    g = torch.Generator().manual_seed(5)
+    for b, n in enumerate(lens.tolist()):  # what a reused static buffer can hold past a sequence's length
+        for t in (qk.packed, qv.packed, qk.scales.view(torch.uint8), qv.scales.view(torch.uint8), qk.zeros, qv.zeros):
+            if t is not None:
+                t[b, :, n:] = torch.randint(0, 256, t[b, :, n:].shape, dtype=torch.uint8, generator=g)
+        qv.scales.view(torch.uint8)[b, :, n:] |= 0x7F  # E4M3 NaN
     dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV), dv(qk.zeros), dv(qv.zeros),
                           pv_fp8, lens.to(DEV, torch.int32), block_t=16, v_scaled=v_scaled, k_scale=qk.scales.to(DEV))
@@ -297,13 +304,43 @@ def test_stage_kv_matches_twin(sym, pv_fp8, v_scaled):
     assert torch.equal(got[0].cpu().float(), want[0].float())
     assert torch.equal(got[1].cpu().float(), want[1].float())
     assert got[3].dtype == want[3].dtype == torch.float16  # the key scales' copy (FP8 scales: fp16, exact)
-    assert torch.equal(got[3].cpu().float(), qk.scales[..., 0].float())
+    valid = (torch.arange(qk.scales.shape[2])[None, :] < lens[:, None])[:, None, :].expand(qk.scales.shape[:3])
+    assert torch.equal(got[3].cpu().float()[valid], qk.scales[..., 0].float()[valid])
+    assert got[1].cpu().float().isfinite().all() and (got[1].cpu().float()[~valid] == 0).all()
     assert torch.equal(got[3].cpu(), want[3])
     if pv_fp8:
         assert got[1].stride(2) == 1  # tokens contiguous
         assert torch.equal(got[2].cpu(), want[2])
     else:
         assert got[2] is None
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_staged_prefill_ignores_buffer_past_lengths(sym):
+    """A static cache's buffer past the sequence's length (never written, or a previous sequence's: stray codes,
+    zero points, NaN scales) does not reach the staged prefill's output: on the GPU its key tiles are loaded
+    whole by TMA and their tails multiplied by p = 0, so they must stage as zeros, not Inf or NaN."""
+    spec = KVSpec(symmetric=sym)
+    n, lk, d = 100, 128, 64
+    q8, qs, qk, qv, _, _ = _case(1, 4, 2, n, lk, d, spec, seed=21 + sym)
+    lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+    dv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+
+    def run(kv):
+        k, v = kv
+        return kv4_attention_triton(q8.to(DEV), qs[..., 0].to(DEV), k.packed.to(DEV), k.scales.to(DEV),
+                                    v.packed.to(DEV), v.scales.to(DEV), d ** -0.5, causal=True, k_zero=dv(k.zeros),
+                                    v_zero=dv(v.zeros), out_dtype=torch.float32, seqlens_q=lens, seqlens_k=lens,
+                                    staged=True)
+
+    clean = run((qk, qv))
+    g = torch.Generator().manual_seed(7)
+    for t in (qk.packed, qv.packed, qk.scales.view(torch.uint8), qv.scales.view(torch.uint8), qk.zeros, qv.zeros):
+        if t is not None:
+            t[:, :, n:] = torch.randint(0, 256, t[:, :, n:].shape, dtype=torch.uint8, generator=g)
+    qv.scales.view(torch.uint8)[:, :, n:n + 8] |= 0x7F  # E4M3 NaN
+    dirty = run((qk, qv))
+    assert clean.isfinite().all() and torch.equal(dirty, clean)
 
 
 @pytest.mark.parametrize("pv_fp8", [False, True])
@@ -444,7 +481,7 @@ def test_staged_long_buffer_stages_only_the_used_keys():
     k8, vo, _, ks_copy = stage_kv_triton(qk.packed.to(DEV), qv.packed.to(DEV), qv.scales.to(DEV),
                                          seqlens_k=lens_k.to(DEV))
     assert ks_copy is None  # no key scales given, no copy
-    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, v_scaled=True)  # FP8 scales: V staged times scales
+    want = stage_kv_ref(qk.packed, qv.packed, qv.scales, seqlens_k=lens_k, v_scaled=True)  # FP8 scales: V times scales
     for i in range(b):
         n = min(lk, -(-int(lens_k[i]) // STAGE_ALIGN.value) * STAGE_ALIGN.value)
         assert torch.equal(k8[i, :, :n].cpu().float(), want[0][i, :, :n].float())
