@@ -212,10 +212,13 @@ def fp8_row_scale(amax):
 def fp8_row_codes(y, s, EXACT_ROUND: tl.constexpr):
     """y (fp32) as FP8 E4M3 codes of scale s: fp8(clamp(y / s, +-448)), IEEE division (EXACT_ROUND: rounded in
     fp32 first, for the CPU interpreter). With fp8_row_scale, the one arithmetic of every kernel that quantizes
-    activations per token (here, the RMSNorm's and the rotary embedding's FP8 outputs)."""
-    v = tl.minimum(tl.maximum(tl.math.div_rn(y, s), -448.0), 448.0)
-    if EXACT_ROUND:
-        v = _round_to_fp8_grid(v)
+    activations per token (here, the RMSNorm's and the rotary embedding's FP8 outputs). A NaN stays NaN, as in
+    the PyTorch twin (a plain GPU min/max would return the bound: -448, silently)."""
+    v = tl.maximum(tl.math.div_rn(y, s), -448.0, propagate_nan=tl.PropagateNan.ALL)
+    v = tl.minimum(v, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    if EXACT_ROUND:  # the interpreter's cast also turns NaN into 384 (0x7C): E4M3's NaN (0x7F) set by hand
+        bits = _round_to_fp8_grid(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        return tl.where(v != v, 0x7F, bits).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return v.to(tl.float8e4nv)
 
 

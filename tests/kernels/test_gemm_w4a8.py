@@ -44,6 +44,22 @@ def test_activation_quant_exact(m, k):
     assert torch.equal(q.float(), qr.float())
 
 
+def test_activation_quant_keeps_nan():
+    """A NaN in a row stays NaN in its FP8 codes, as in the PyTorch quantizer (a plain GPU min/max would turn it
+    into -448, a finite wrong value), and on the GPU the row's W4A8 GEMM output is NaN, not plausible garbage."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(3, 256, generator=g) * 3).to(DEV)
+    x[1, 7] = float("nan")
+    q, s = quantize_fp8_rows_triton(x)
+    assert q[1, 7].float().isnan() and not q[[0, 2]].float().isnan().any()
+    assert torch.equal(q[[0, 2]].float(), quantize_fp8_rows_ref(x[[0, 2]])[0].float())
+    _, qw, ws, e, _ = _operands(3, 64, 256, 128, seed=9, bias=False)
+    y = w4a8_gemm_triton(q, s, qw, ws, e, 128)
+    assert y[[0, 2]].float().isfinite().all()
+    if GPU:  # (the CPU interpreter's FP8 -> float casts read E4M3's NaN byte as a number)
+        assert y[1].float().isnan().all()
+
+
 CASES = [
     # m, n, k, group, config
     (1, 40, 256, 128, _cfg(True, 2, 128)),
