@@ -72,6 +72,21 @@ def bench_graph(fns: list, warmup: int = 25, rep: int = 100) -> float:
     return t
 
 
+def cuda_kernel_tally(prof, width: int = 90) -> dict:
+    """The CUDA kernels of a torch.profiler run: {name (first `width` characters): [calls, microseconds]}."""
+    import collections
+
+    import torch
+
+    acc: dict = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            a = acc[ev.name[:width]]
+            a[0] += 1
+            a[1] += ev.time_range.elapsed_us()
+    return dict(acc)
+
+
 def geomean(xs) -> float:
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")

@@ -12,7 +12,6 @@ bench_e2e.py gives the speeds; this gives their breakdown.
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import os
 import sys
@@ -20,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import env_info, table, write_json  # noqa: E402
+from _bench_util import cuda_kernel_tally, env_info, table, write_json  # noqa: E402
 from bench_e2e import llama3_8b, static_cache, time_steps, to_fireq  # noqa: E402
 
 
@@ -33,13 +32,7 @@ def kernel_table(step, reps: int) -> tuple[list[dict], float]:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    acc: dict = collections.defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            a = acc[ev.name[:90]]
-            a[0] += 1
-            a[1] += ev.time_range.elapsed_us()
-    rows = [dict(kernel=k, calls=c / reps, us=t / reps) for k, (c, t) in acc.items()]
+    rows = [dict(kernel=k, calls=c / reps, us=t / reps) for k, (c, t) in cuda_kernel_tally(prof).items()]
     rows.sort(key=lambda r: -r["us"])
     return rows, sum(r["us"] for r in rows)
 

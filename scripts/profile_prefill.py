@@ -18,7 +18,6 @@ For BF16 (SDPA, StaticCache) and fireq (the model bench_e2e.py quantizes in plac
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import os
 import statistics
@@ -29,7 +28,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import env_info, table, write_json  # noqa: E402
+from _bench_util import cuda_kernel_tally, env_info, table, write_json  # noqa: E402
 from bench_e2e import llama3_8b, static_cache, to_fireq  # noqa: E402
 
 
@@ -68,12 +67,7 @@ def profile_ops(call, top: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    kern: dict = collections.defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            k = kern[ev.name[:80]]
-            k[0] += 1
-            k[1] += ev.time_range.elapsed_us()
+    kern = cuda_kernel_tally(prof, 80)
     ops = [dict(op=e.key[:80], calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
                 cpu_ms=e.cpu_time_total / 1e3) for e in prof.key_averages()]
     ops.sort(key=lambda r: -r["self_cpu_ms"])
