@@ -20,8 +20,8 @@ causal attention keeps them out of its positions; their K and V are written past
 is then declared n tokens long (set_static_length), so decoding overwrites them; the logits are those of
 position n - 1 (logits_to_keep as a device index). Each captured length keeps its own memory pool (the
 activations of P tokens). Choices made by token count (the FP8 prefill path's min_tokens) see P. Longer
-prompts, other caches and models without logits_to_keep run eagerly. Sequences
-are unpadded and of one length (no attention mask); sampling is greedy (argmax inside the graph: the
+prompts, other caches and models without logits_to_keep run eagerly. The sequences of a batch share one
+length (no attention mask); sampling is greedy (argmax inside the graph: the
 two-launch row argmax of fireq_kernels.argmax, torch.argmax's result in a tenth of its time at a 128K vocabulary).
 """
 
@@ -58,8 +58,10 @@ class GraphDecoder:
         # captured prefills by padded length P: (graph, ids (B, P), positions, index of the last prompt token)
         self._prefills: dict[int, tuple] = {}
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, **self._keep)
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of the last position (keep: of that position, a (1,) device index) for ids at pos."""
+        kw = self._keep if keep is None else {"logits_to_keep": keep}
+        out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, **kw)
         return out.logits[:, -1]
 
     def _next(self, logits: torch.Tensor) -> None:
@@ -101,38 +103,40 @@ class GraphDecoder:
             p *= 2
         return p if p <= self.max_len else None
 
-    def _prefill_body(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> None:
-        out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=last)
-        self._next(out.logits[:, -1])
+    @staticmethod
+    def _capture(fn) -> torch.cuda.CUDAGraph:
+        """fn recorded (not run) as a CUDA graph on a side stream; run it eagerly once before (lazy choices)."""
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        return g
 
     def _prefill_graphed(self, input_ids: torch.Tensor, p: int) -> None:
         """The prompt padded to p tokens, through the captured prefill of p tokens (captured on first use)."""
         from .attention import set_static_length
 
         b, n = input_ids.shape
-        entry = self._prefills.get(p)
-        fresh = entry is None
-        if fresh:
+        if p not in self._prefills:
             dev = input_ids.device
-            ids = torch.zeros((b, p), dtype=torch.long, device=dev)
-            pos = torch.arange(p, device=dev).expand(b, p)
-            last = torch.zeros((1,), dtype=torch.long, device=dev)
-            entry = (None, ids, pos, last)
-        graph, ids, pos, last = entry
+            self._prefills[p] = (None, torch.zeros((b, p), dtype=torch.long, device=dev),
+                                 torch.arange(p, device=dev).expand(b, p), torch.zeros((1,), dtype=torch.long, device=dev))
+        graph, ids, pos, last = self._prefills[p]
         ids[:, :n].copy_(input_ids)
         ids[:, n:].zero_()  # pad token 0: any token does, the prompt's positions never see it
         last.fill_(n - 1)
-        if fresh:  # one eager run of this length settles lazy choices (compiles, first-call checks), then capture
+
+        def body():
+            self._next(self._forward(ids, pos, keep=last))
+
+        if graph is None:  # one eager run of this length settles lazy choices (compiles, first-call checks)
             self.cache.reset()
-            self._prefill_body(ids, pos, last)
-            torch.cuda.synchronize()
+            body()
             self.cache.reset()
-            graph = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
-                self._prefill_body(ids, pos, last)  # recorded, not run
-            torch.cuda.current_stream().wait_stream(s)
+            graph = self._capture(body)
             self._prefills[p] = (graph, ids, pos, last)
         self.cache.reset()
         graph.replay()
@@ -144,14 +148,7 @@ class GraphDecoder:
         if self.graph is None:
             self._step()  # eager: settles every lazy choice before capture
             out = self.ids.clone()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-                self._step()  # recorded, not run
-            torch.cuda.current_stream().wait_stream(s)
-            self.graph = g
+            self.graph = self._capture(self._step)
             return out
         self.graph.replay()
         return self.ids.clone()
