@@ -122,8 +122,9 @@ class GraphDecoder:
         b, n = input_ids.shape
         if p not in self._prefills:
             dev = input_ids.device
-            self._prefills[p] = (None, torch.zeros((b, p), dtype=torch.long, device=dev),
-                                 torch.arange(p, device=dev).expand(b, p), torch.zeros((1,), dtype=torch.long, device=dev))
+            ids = torch.zeros((b, p), dtype=torch.long, device=dev)
+            last = torch.zeros((1,), dtype=torch.long, device=dev)
+            self._prefills[p] = (None, ids, torch.arange(p, device=dev).expand(b, p), last)
         graph, ids, pos, last = self._prefills[p]
         ids[:, :n].copy_(input_ids)
         ids[:, n:].zero_()  # pad token 0: any token does, the prompt's positions never see it
