@@ -1,4 +1,4 @@
-"""Compile fireq's attention kernels and the one-token GEMV for sm_90 on a machine without a GPU and
+"""Compile fireq's attention kernels and the one-token GEMV for sm_90 (or sm_89) on a machine without a GPU and
 report what the compiler made of them: registers a thread, spill stack, shared memory, and the SASS
 instruction mix (of the whole kernel and of its longest straight-line block, which is the key loop's body).
 For checking a kernel change (spills, layout conversions, byte loads) before spending GPU time on it.
@@ -11,10 +11,11 @@ For checking a kernel change (spills, layout conversions, byte loads) before spe
     python scripts/diag_sass.py rope                             # the one-launch rotary embedding (no fma)
     python scripts/diag_sass.py swap --prefetch 1                # the GEMM's tiled (SWAP) schedule at M = 16
     DIAG_UNROLL=2 python scripts/diag_sass.py swap               # ... with its K loop unrolled by 2
+    python scripts/diag_sass.py staged --arch 89                 # Ada: pointer loads, mma.sync FP8 MMAs
 
 Needs Triton's NVIDIA backend (its ptxas, cuobjdump and nvdisasm come with the wheel); nothing is launched.
 The triton version decides the code: the GPU machine runs 3.6 (pip install triton==3.6.0 into a venv to
-see exactly its code). The JIT is driven by a stand-in driver that reports an sm_90 target.
+see exactly its code). The JIT is driven by a stand-in driver that reports an sm_90 (--arch: other) target.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+ARCH = 90  # the compute capability compiled for (--arch)
+
+
 def _fake_driver():
-    """Make Triton's JIT compile for sm_90 without a CUDA device."""
+    """Make Triton's JIT compile for sm_ARCH without a CUDA device."""
     import triton.backends.nvidia.driver as nv
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
@@ -47,7 +51,7 @@ def _fake_driver():
             self.get_current_stream = lambda i=None: 0
 
         def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+            return GPUTarget("cuda", ARCH, 32)
 
         def get_active_torch_device(self):
             return torch.device("cpu")
@@ -121,9 +125,10 @@ def staged(bm, bn, warps, stages, bias=False, ks_tma=True, S=8192):
     ks = torch.empty(1, h, S, 1, dtype=torch.float8_e4m3fn)
     vo = torch.empty(1, h, S, d, dtype=torch.float16)
     out = torch.empty(1, h, S, d, dtype=torch.bfloat16)
-    ks_tma = ks_tma and not bias
-    k8d = TensorDescriptor(k8, [h, S, d], [S * d, d, 1], [1, bn, d])
-    vod = TensorDescriptor(vo, [h, S, d], [S * d, d, 1], [1, bn, d])
+    tma = ARCH >= 90  # the wrapper's choice: tensor-memory descriptors on sm_90+, pointer loads below
+    ks_tma = ks_tma and not bias and tma
+    k8d = TensorDescriptor(k8, [h, S, d], [S * d, d, 1], [1, bn, d]) if tma else k8
+    vod = TensorDescriptor(vo, [h, S, d], [S * d, d, 1], [1, bn, d]) if tma else vo
     ksa = TensorDescriptor(torch.empty(1, h, S, dtype=torch.float16), [h, S], [S, 1], [1, bn]) if ks_tma else ks
     qb = torch.empty(1, h, S, 2)
     kbm = torch.empty(1, 1, S, 16, dtype=torch.bfloat16)
@@ -131,7 +136,7 @@ def staged(bm, bn, warps, stages, bias=False, ks_tma=True, S=8192):
             *q8.stride()[:3], qs.stride(0), qs.stride(1), *ks.stride()[:3], *vo.stride(),
             *qb.stride()[:3], kbm.stride(0), 0, kbm.stride(2), *out.stride()[:3])
     kw = dict(HQ=h, HKV=h, D=d, R=16, HAS_BIAS=bias, CAUSAL=True, RT=2 if bias else 0, BM=bm, BN=bn,
-              HAS_LENS=False, PV_FP8=False, EXACT_ROUND=False, TMA=True, BIAS_MMA=bias, BIAS_BF16=bias,
+              HAS_LENS=False, PV_FP8=False, EXACT_ROUND=False, TMA=tma, BIAS_MMA=bias, BIAS_BF16=bias,
               V_SCALED=True, KS_TMA=ks_tma, KS_PREFETCH=A.STAGED_KS_PREFETCH, num_warps=warps, num_stages=stages)
     return A._attn_fwd_staged.warmup(*args, grid=(1,), **kw)
 
@@ -159,7 +164,7 @@ def decode(bm, bn, warps, stages, splits=8, L=131072, B=8, tma=None):
     part = torch.empty(B, hq, 1, splits, d)
     lse = torch.empty(B, hq, 1, splits)
     if tma is None:
-        tma = A.UNSTAGED_TMA and A.UNSTAGED_TMA_SYM
+        tma = A.UNSTAGED_TMA and A.UNSTAGED_TMA_SYM and ARCH >= 90
     kd = TensorDescriptor(k, [B * hkv, L, d // 2], [L * d // 2, d // 2, 1], [1, bn, d // 2]) if tma else k
     kz = torch.empty(B, hkv, L, 1, dtype=torch.uint8)  # zero points (asymmetric: DIAG_K_SYM=0)
     args = (q8, qs, kd, ks, kz, kd, ks, kz, qs, qs, part, lse, qs, qs, 1, L, 0.1, 0,
@@ -236,7 +241,7 @@ def report(name: str, kernel, top: int = 16) -> str:
     import triton
 
     text = sass(kernel)
-    print(f"{name} triton {triton.__version__} sm_90: {usage(kernel)}")
+    print(f"{name} triton {triton.__version__} sm_{ARCH}: {usage(kernel)}")
     whole, body = opcode_mix(text.splitlines()), opcode_mix(longest_block(text))
     for title, ops in (("whole kernel", whole), ("longest block", body)):
         print(f"  {title}: {sum(ops.values())} instructions;", ", ".join(f"{op} {n}" for op, n in ops.most_common(top)))
@@ -266,9 +271,13 @@ def main():
     ap.add_argument("--bias", action="store_true", help="staged: with R = 2 bias factors (the bias MMA)")
     ap.add_argument("--no-ks-tma", action="store_true", help="staged: key scales by pointer loads")
     ap.add_argument("--prefetch", type=int, default=None, help="swap: group scales one tile ahead (1) or not (0)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (89: Ada, whose FP8 "
+                    "MMAs the kernels use without Hopper's descriptors and wgmma)")
     ap.add_argument("--dump", default=None, help="a folder for the .ttgir, .ptx and .sass")
     ap.add_argument("--top", type=int, default=16)
     args = ap.parse_args()
+    global ARCH
+    ARCH = args.arch
     setup()
     default = {"staged": "64,128,4,2", "decode": "16,64,1,3", "gemv": "8,2048,4,1",
                "swap": "16,64,128,4,4", "rope": "8,128,4"}[args.kernel]
