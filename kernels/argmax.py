@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
+
 
 @triton.jit
 def _argmax_chunks_kernel(x_ptr, part_ptr, V, stride_x, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
@@ -43,6 +45,7 @@ def _argmax_rows_kernel(part_ptr, out_ptr, CHUNKS: tl.constexpr):
     tl.store(out_ptr + row, 4294967295 - (w & 4294967295))
 
 
+@on_tensor_device
 def argmax_rows_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, V) float (contiguous rows, V < 2^32) -> (B, 1) int64 indices of each row's largest value (the
     first one), written into out when given ((B, 1) int64)."""

@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .gemm_w4a8 import _round_to_fp8_grid
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
@@ -697,6 +698,7 @@ def _attn_fwd_staged(
     tl.store(optr, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=in_mem[:, None])
 
 
+@on_tensor_device
 def stage_kv_triton(k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, k_zero: torch.Tensor | None = None,
                     v_zero: torch.Tensor | None = None, pv_fp8: bool = False,
                     seqlens_k: torch.Tensor | None = None, block_t: int = 64, v_scaled: bool | None = None,
@@ -750,6 +752,7 @@ def staged_v_scaled(v_scale: torch.Tensor, pv_fp8: bool) -> bool:
     return STAGED_V_SCALED and not pv_fp8 and v_scale.dtype == torch.float8_e4m3fn
 
 
+@on_tensor_device
 def kv4_attention_triton(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
                          v: torch.Tensor, v_scale: torch.Tensor, sm_scale: float, causal: bool = True,
                          window: int = 0, k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .int4cvt import nibbles_f16, nibbles_fp8, use_asm
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
@@ -612,6 +613,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@on_tensor_device
 def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (M, K) float -> (q (M, K) fp8 e4m3, s (M, 1) fp32). Same semantics as the reference."""
     if x.dim() != 2 or x.stride(-1) != 1:
@@ -647,6 +649,7 @@ def weight_geometry(qweight: torch.Tensor, w_scales: torch.Tensor, k: int, group
 EPILOGUES = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
 
 
+@on_tensor_device
 def w4a8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                      log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
                      out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
@@ -786,6 +789,7 @@ def _launch_gemv(xq, x_scale, qweight, w_scales, log2_multiplier, g, per_channel
     return out
 
 
+@on_tensor_device
 def w4a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
                        group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0,
                        epilogue: str | None = None, log2_multiplier2: int | None = None,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .gemm_w4a8 import _interpreting, _round_to_fp8_grid
 
 @triton.jit
@@ -96,6 +97,7 @@ def _launch_shape(r: int, d: int) -> tuple[int, int]:
     return br, max(1, min(4, br * d // 256))
 
 
+@on_tensor_device
 def quantize_kv_triton(x: torch.Tensor, spec):
     """x (..., D) on an FP8 GPU (or under TRITON_INTERPRET=1) -> fireq.formats.kv.QuantizedKV."""
     from fireq.formats.kv import QuantizedKV
@@ -122,6 +124,7 @@ def quantize_kv_triton(x: torch.Tensor, spec):
     return QuantizedKV(packed, scales, zeros)
 
 
+@on_tensor_device
 def write_kv_triton(x: torch.Tensor, spec, dst, pos: torch.Tensor) -> None:
     """Quantize x (B, H, n, D) and write it into the cache buffers dst (QuantizedKV of contiguous (B, H, CAP,
     .) tensors) at token positions pos .. pos + n - 1 (pos: a device int64 scalar tensor), in one launch.

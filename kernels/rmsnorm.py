@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .gemm_w4a8 import _interpreting, fp8_row_codes, fp8_row_scale
 
 
@@ -55,6 +56,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, q_ptr, s_ptr, D, stride_x, stride_o, 
         tl.store(q_ptr + row * D + offs, fp8_row_codes(yf, sc, EXACT_ROUND), mask=m)
 
 
+@on_tensor_device
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False,
                    fp8: bool = False):
     """x: (..., D) float; weight: (D,). Output dtype: x's (plus_one) or promote(x, weight) (Llama family).

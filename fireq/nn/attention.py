@@ -404,13 +404,13 @@ def set_static_length(cache, n: int) -> None:
         raise TypeError("set_static_length needs a static cache from make_cache(model, max_len)")
     if not 0 <= n <= layers[0].max_len:
         raise ValueError(f"length {n} outside the cache's 0..{layers[0].max_len}")
-    st = layers[0]._lens_state
     for x in layers:
         x.cumulative_length = n
-    if st.len_dev is not None:
-        st.len_dev.fill_(n)
-    if st.lens32 is not None:
-        st.lens32.fill_(n)
+    for st in {id(x._lens_state): x._lens_state for x in layers}.values():  # one a device
+        if st.len_dev is not None:
+            st.len_dev.fill_(n)
+        if st.lens32 is not None:
+            st.lens32.fill_(n)
 
 
 def make_cache(model: nn.Module, max_len: int | None = None):
@@ -424,8 +424,24 @@ def make_cache(model: nn.Module, max_len: int | None = None):
     from ..models.registry import decoder_layers
 
     layer_cls = _make_layer_class()
-    layers = [layer_cls(layer.self_attn, max_len) for layer in decoder_layers(model)]
-    for i, layer in enumerate(layers):  # one set of device-side lengths (static mode), moved on once a step
-        layer._lens_state = layers[0]._lens_state
-        layer._first, layer._last = i == 0, i == len(layers) - 1
+    attns = [layer.self_attn for layer in decoder_layers(model)]
+    layers = [layer_cls(attn, max_len) for attn in attns]
+    # one set of device-side lengths (static mode) a device, moved on once a step: a model split over GPUs
+    # (a device_map) keeps one on each, the first and last of its layers there moving it
+    by_device: dict = {}
+    for attn, layer in zip(attns, layers):
+        by_device.setdefault(_module_device(attn), []).append(layer)
+    for group in by_device.values():
+        for i, layer in enumerate(group):
+            layer._lens_state = group[0]._lens_state
+            layer._first, layer._last = i == 0, i == len(group) - 1
     return Cache(layers=layers)
+
+
+def _module_device(m: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (or buffer), None without either."""
+    for t in m.parameters():
+        return t.device
+    for t in m.buffers():
+        return t.device
+    return None

@@ -41,9 +41,11 @@ class GraphDecoder:
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, cache=None, prefill_graphs: int = 2048):
         from .attention import make_cache
 
-        dev = next(model.parameters()).device
-        if dev.type != "cuda":
-            raise FireqError("GraphDecoder needs the model on a CUDA device")
+        devs = {t.device for t in (*model.parameters(), *model.buffers())}
+        if len(devs) != 1 or next(iter(devs)).type != "cuda":
+            raise FireqError("GraphDecoder needs the whole model on one CUDA device (a CUDA graph is captured on "
+                             f"one GPU; the model's parameters are on {', '.join(sorted(map(str, devs)))})")
+        dev = self.device = next(iter(devs))
         self.model = model
         self.max_len = max_len
         self.cache = cache if cache is not None else make_cache(model, max_len)
@@ -77,6 +79,10 @@ class GraphDecoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt (B, n) into a reset cache; returns the first new token (B, 1)."""
+        with torch.cuda.device(self.device):  # graphs, streams and kernels on the model's GPU
+            return self._prefill(input_ids.to(self.device))
+
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         b, n = input_ids.shape
         if b != self.ids.shape[0]:
             raise FireqError(f"GraphDecoder was built for batch {self.ids.shape[0]}, got {b}")
@@ -146,6 +152,10 @@ class GraphDecoder:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """One decode step (eager the first time, then captured and replayed); returns the new token."""
+        with torch.cuda.device(self.device):
+            return self._decode_step()
+
+    def _decode_step(self) -> torch.Tensor:
         if self.graph is None:
             self._step()  # eager: settles every lazy choice before capture
             out = self.ids.clone()
@@ -159,7 +169,9 @@ class GraphDecoder:
         """Greedy continuation: (B, n) -> (B, n + max_new_tokens)."""
         if input_ids.shape[1] + max_new_tokens > self.max_len:
             raise FireqError(f"{input_ids.shape[1]} + {max_new_tokens} tokens exceed max_len={self.max_len}")
-        out = [input_ids, self.prefill(input_ids)]
-        for _ in range(max_new_tokens - 1):
-            out.append(self.step())
+        input_ids = input_ids.to(self.device)
+        with torch.cuda.device(self.device):
+            out = [input_ids, self._prefill(input_ids)]
+            for _ in range(max_new_tokens - 1):
+                out.append(self._decode_step())
         return torch.cat(out, dim=1)
