@@ -45,3 +45,33 @@ def test_graphed_prefill_matches_eager(gpu_model):
     assert sorted(graphed._prefills) == [128, 256]
     assert torch.equal(graphed.generate(x, 12), b)  # a second replay of the captured length
     assert graphed.prefill_length(300) is None  # longer than max_len allows: eager
+
+
+def test_generate_runs_graphed(gpu_model):
+    """A plain greedy generate() call runs as GraphDecoder's replays (fireq.nn.generate) and returns its
+    tokens; with end-of-sequence tokens, what transformers' greedy search returns over those tokens; calls
+    that are not plain greedy decoding, and every call once it is switched off, run transformers' generate()."""
+    from fireq.nn import generate as graphed
+    from fireq.nn.graphs import GraphDecoder
+
+    g = torch.Generator().manual_seed(5)
+    for b, n in ((1, 100), (2, 200)):
+        x = torch.randint(0, 1000, (b, n), generator=g).cuda()
+        want = GraphDecoder(gpu_model, b, 256).generate(x, 12)
+        got = gpu_model.generate(x, max_new_tokens=12, do_sample=False)
+        assert (b, 256) in graphed._state(gpu_model)["decoders"] and torch.equal(got, want)
+        assert torch.equal(gpu_model.generate(x.cpu(), max_new_tokens=12).cpu(), want.cpu())  # prompt on the CPU
+        # transformers' eager generate over the growing cache: its own kernels' rounding, the same first token
+        graphed.set_graphed_generate(gpu_model, False)
+        eager = gpu_model.generate(x, max_new_tokens=12, do_sample=False)
+        assert eager.shape == want.shape and torch.equal(eager[:, :n + 1], want[:, :n + 1])
+        assert graphed._state(gpu_model)["decoders"] == {}
+        graphed.set_graphed_generate(gpu_model, True)
+        new = want[:, n:]
+        for eos in ([int(new[0, 4])], [int(new[-1, 2]), int(new[0, 7])]):
+            got = gpu_model.generate(x, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+            assert torch.equal(got, torch.cat([x, graphed.finish(new, eos, 0)], 1)), eos
+    assert len(graphed._state(gpu_model)["decoders"]) <= graphed.MAX_DECODERS
+    # sampling goes to transformers
+    out = gpu_model.generate(x, max_new_tokens=4, do_sample=True, top_k=5)
+    assert out.shape == (x.shape[0], x.shape[1] + 4)

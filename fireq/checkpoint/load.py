@@ -184,7 +184,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 
 def _use_int4_cache_in_generate(model: nn.Module) -> None:
-    """Make generate() default to the INT4 KV cache (this instance only)."""
+    """Make generate() default to the INT4 KV cache (this instance only), and run plain greedy calls on a GPU
+    as CUDA-graph replays (fireq.nn.generate)."""
+    from ..nn import generate as graphed
     from ..nn.attention import make_cache
 
     import inspect
@@ -194,6 +196,9 @@ def _use_int4_cache_in_generate(model: nn.Module) -> None:
     name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
     def generate(*args, **kwargs):
+        p = graphed.plan(model, args, kwargs)
+        if p is not None:
+            return graphed.run(model, p)
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
             kwargs[name] = make_cache(model)
         return original(*args, **kwargs)

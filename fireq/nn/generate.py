@@ -1,0 +1,192 @@
+"""`model.generate()` as CUDA-graph replays, where the call is plain greedy decoding.
+
+An eager decode step of a transformers model is host-bound: on the H200, a 32-layer Llama-3-8B-shaped model
+takes about 60 ms a token in Python and launches, BF16 and fireq alike, against 2.9 ms a token for fireq's
+captured step (benchmarks/results/e2e-h200.json). So a fireq model's generate() runs a call that is plain
+greedy decoding through GraphDecoder (static INT4 cache, prompt and decode steps replayed from CUDA graphs)
+and returns what transformers' greedy search returns: the prompt and the new tokens, each sequence's tokens
+after its end-of-sequence token replaced by the pad token, cut after the step where the last sequence ended.
+The tokens are the graphed model's: its static cache and attention kernels round differently from the
+growing cache's in fp16, so a near tie between two tokens can resolve differently than in the eager call.
+
+Anything else goes to transformers' own generate(), unchanged: sampling, beams, logits processors of any kind
+(repetition penalty, minimum lengths, bad words, ...), stopping criteria, streamers, assistants, a cache or
+an attention mask with padding given, scores or dicts asked for, a model on the CPU or split over GPUs.
+`set_graphed_generate(model, False)` turns it off for a model. Decoders are kept on the model, one for each
+(batch size, cache length bucket), at most MAX_DECODERS (the oldest is dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MAX_DECODERS = 2
+EOS_CHECK_EVERY = 16  # decode steps between checks (a host sync) whether every sequence has ended
+_ATTR = "_fireq_graphed_generate"  # on the model: {"on": bool, "decoders": {(batch, max_len): GraphDecoder}}
+
+# generation-config fields that greedy decoding ignores (sampling's, assistants', compilation's) or that this
+# path honours itself (lengths, special tokens, use_cache)
+_FREE = frozenset({
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_early_exit",
+    "compile_config", "disable_compile", "max_new_tokens", "max_length", "bos_token_id", "eos_token_id",
+    "pad_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "_from_model_config",
+    "_commit_hash", "_original_object_hash",
+})
+# fields whose value here changes nothing in greedy decoding (None: unset, always fine)
+_NEUTRAL = {
+    "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "length_penalty": 1.0, "early_stopping": False, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+    "guidance_scale": 1.0, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
+    "output_attentions": False, "output_hidden_states": False, "renormalize_logits": False,
+    "remove_invalid_values": False, "low_memory": False, "token_healing": False, "is_assistant": False,
+    "use_mtp": False,
+}
+_MODEL_KWARGS = frozenset({"attention_mask", "input_ids", "inputs"})
+
+
+def set_graphed_generate(model: nn.Module, on: bool) -> None:
+    """Run this model's plain greedy generate() calls as CUDA-graph replays (on, the default on a GPU) or
+    always through transformers' generate() (off; drops the kept decoders)."""
+    _state(model).update(on=bool(on), decoders={})
+
+
+def _state(model: nn.Module) -> dict:
+    st = model.__dict__.get(_ATTR)
+    if st is None:
+        st = {"on": True, "decoders": {}}
+        model.__dict__[_ATTR] = st
+    return st
+
+
+def _settings(model: nn.Module, gc, kwargs: dict) -> tuple[dict, dict] | None:
+    """The effective generation settings of a call (the model's defaults, then the given config's set fields,
+    then the keyword arguments) and the call's other keyword arguments; None when a field is neither free
+    nor neutral."""
+    from transformers import GenerationConfig
+
+    eff = dict(model.generation_config.to_dict())
+    if gc is not None:
+        eff.update({k: v for k, v in gc.to_dict().items() if v is not None})
+    known = set(GenerationConfig().to_dict()) | set(eff) | set(_NEUTRAL) | _FREE
+    rest = {}
+    for k, v in kwargs.items():
+        if k in known:
+            eff[k] = v
+        else:
+            rest[k] = v
+    for k, v in eff.items():
+        if k in _FREE or v is None or k.startswith("_"):
+            continue
+        if k not in _NEUTRAL or v != _NEUTRAL[k]:
+            return None
+    if eff.get("use_cache") is False:
+        return None
+    return eff, rest
+
+
+def plan(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """What a generate(*args, **kwargs) call needs to run graphed (input ids, new tokens, end-of-sequence ids,
+    pad id), or None when transformers' generate() should run it."""
+    if not _state(model)["on"] or not torch.cuda.is_available():
+        return None
+    devs = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devs) != 1 or next(iter(devs)).type != "cuda":
+        return None
+    from fireq_kernels.ops import triton_fp8_capable
+
+    if not triton_fp8_capable(next(iter(devs))):
+        return None
+    return greedy_call(model, args, kwargs)
+
+
+def greedy_call(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """The call's input ids, new-token count, end-of-sequence ids and pad id when it is plain greedy decoding
+    of unpadded prompts (whatever the device), else None."""
+    kwargs = dict(kwargs)
+    gc = kwargs.pop("generation_config", None)
+    if len(args) > 1 or (args and ("inputs" in kwargs or "input_ids" in kwargs)):
+        return None
+    ids = args[0] if args else kwargs.pop("inputs", None)
+    if ids is None:
+        ids = kwargs.pop("input_ids", None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or 0 in ids.shape:
+        return None
+    settings = _settings(model, gc, kwargs)
+    if settings is None:
+        return None
+    eff, rest = settings
+    if set(rest) - _MODEL_KWARGS:  # a cache, processors, criteria, a streamer, an assistant, ...
+        return None
+    mask = rest.get("attention_mask")
+    if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().all())):
+        return None
+    n = ids.shape[1]
+    if eff.get("max_new_tokens") is not None:
+        new = int(eff["max_new_tokens"])
+    else:
+        new = int(eff["max_length"] if eff.get("max_length") is not None else 20) - n
+    if new < 1:
+        return None
+    eos = eff.get("eos_token_id")
+    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = eff.get("pad_token_id")
+    pad = eos[0] if pad is None and eos else pad
+    return dict(ids=ids, new=new, eos=eos, pad=pad)
+
+
+def _decoder(model: nn.Module, batch: int, need: int):
+    from .graphs import GraphDecoder
+
+    max_len = 256
+    while max_len < need:
+        max_len *= 2
+    decoders = _state(model)["decoders"]
+    key = (batch, max_len)
+    dec = decoders.pop(key, None)
+    if dec is None:
+        while len(decoders) >= MAX_DECODERS:
+            decoders.pop(next(iter(decoders)))
+        dec = GraphDecoder(model, batch, max_len)
+    decoders[key] = dec  # most recently used last
+    return dec
+
+
+def finish(tokens: torch.Tensor, eos: list[int], pad: int | None) -> torch.Tensor:
+    """New tokens (B, T) as greedy search returns them: after a sequence's first end-of-sequence token the
+    pad token, and nothing after the step where the last sequence ended."""
+    if not eos:
+        return tokens
+    is_eos = torch.isin(tokens, torch.tensor(eos, device=tokens.device))
+    ended_before = (is_eos.cumsum(1) - is_eos.long()) > 0  # an end-of-sequence token came earlier
+    if pad is not None:
+        tokens = tokens.masked_fill(ended_before, pad)
+    ended = is_eos.any(1)
+    if bool(ended.all()):
+        last = int(is_eos.float().argmax(1).max())  # the step of the last sequence's first end token
+        tokens = tokens[:, :last + 1]
+    return tokens
+
+
+@torch.no_grad()
+def run(model: nn.Module, p: dict) -> torch.Tensor:
+    """A planned call: prompt + greedy continuation (B, n + up to new), on the prompt's device."""
+    ids, new, eos = p["ids"], p["new"], p["eos"]
+    b, n = ids.shape
+    dec = _decoder(model, b, n + new)
+    with torch.cuda.device(dec.device):
+        x = ids.to(dec.device)
+        out = [dec.prefill(x)]
+        eos_t = torch.tensor(eos, device=dec.device) if eos else None
+        ended = torch.isin(out[0], eos_t).any(1) if eos else None
+        for i in range(1, new):
+            if eos and i % EOS_CHECK_EVERY == 0 and bool(ended.all()):
+                break
+            out.append(dec.step())
+            if eos:
+                ended |= torch.isin(out[-1], eos_t).any(1)
+        tokens = finish(torch.cat(out, 1), eos, p["pad"])
+    return torch.cat([ids, tokens.to(ids.device)], 1)
