@@ -25,14 +25,18 @@ def _prompt(n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _run(m, x: torch.Tensor, graphs: bool = True) -> dict:
-    """Logits of the prompt x, generate()'s greedy continuation (growing INT4 cache), four eager steps over
-    the static INT4 cache and (graphs) GraphDecoder's continuation, all on the CPU."""
+    """Logits of the prompt x, transformers' generate() (greedy, growing INT4 cache), four eager steps over
+    the static INT4 cache and (graphs) GraphDecoder's continuation and generate() as it runs by default
+    (graphed: fireq.nn.generate), all on the CPU."""
     from fireq.nn.attention import make_cache
+    from fireq.nn.generate import set_graphed_generate
     from fireq.nn.graphs import GraphDecoder
 
     n = x.shape[1]
+    set_graphed_generate(m, False)
     out = {"logits": m(x).logits.float().cpu(),
            "generate": m.generate(x, max_new_tokens=NEW, do_sample=False).cpu()}
+    set_graphed_generate(m, True)
     cache, ids, toks = make_cache(m, max_len=512), x, []
     for step in range(4):
         pos = torch.arange(n + step - ids.shape[1], n + step, device=x.device)[None]
@@ -43,6 +47,7 @@ def _run(m, x: torch.Tensor, graphs: bool = True) -> dict:
     out["lengths_sets"] = len({id(layer._lens_state) for layer in cache.layers})
     if graphs:
         out["graphs"] = GraphDecoder(m, 1, 512).generate(x, NEW).cpu()
+        out["generate_graphed"] = m.generate(x, max_new_tokens=NEW, do_sample=False).cpu()
     return out
 
 
@@ -56,7 +61,7 @@ def reference(gpu_checkpoint):
 
 
 def _same(got: dict, ref: dict, n: int) -> None:
-    for key in ("logits", "generate", "static", "graphs"):
+    for key in ("logits", "generate", "static", "graphs", "generate_graphed"):
         if key in got:
             assert torch.equal(got[key], ref[key]), (n, key)
 
@@ -92,10 +97,15 @@ def test_model_split_over_two_gpus(gpu_checkpoint, reference):
     m = AutoModelForCausalLM.from_pretrained(gpu_checkpoint, device_map=dm, dtype=torch.bfloat16).eval()
     assert m.model.layers[0].self_attn.o_proj.qweight.device == torch.device("cuda", 0)
     assert m.model.layers[1].self_attn.o_proj.qweight.device == torch.device("cuda", 1)
+    from fireq.nn.generate import plan
+
     for n in PROMPTS:
-        got = _run(m, _prompt(n).cuda(0), graphs=False)
+        x = _prompt(n).cuda(0)
+        got = _run(m, x, graphs=False)
         _same(got, reference[n], n)
         assert got["lengths_sets"] == 2
+        assert plan(m, (x,), dict(max_new_tokens=NEW)) is None  # generate() stays transformers' on a split model
+        assert torch.equal(m.generate(x, max_new_tokens=NEW).cpu(), reference[n]["generate"])
     with pytest.raises(FireqError, match="one CUDA device"):
         GraphDecoder(m, 1, 64)
     assert torch.cuda.current_device() == 0
