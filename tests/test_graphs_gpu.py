@@ -75,3 +75,24 @@ def test_generate_runs_graphed(gpu_model):
     # sampling goes to transformers
     out = gpu_model.generate(x, max_new_tokens=4, do_sample=True, top_k=5)
     assert out.shape == (x.shape[0], x.shape[1] + 4)
+
+
+def test_generate_samples_graphed(gpu_model):
+    """do_sample=True runs graphed too: top_k=1 gives the greedy tokens; a seed makes a call repeatable; the
+    graph's draws change from replay to replay (the CUDA generator's stream advances)."""
+    from fireq.nn import generate as graphed
+    from fireq.nn.graphs import Sampling
+
+    x = torch.randint(0, 1000, (2, 100), generator=torch.Generator().manual_seed(6)).cuda()
+    greedy = gpu_model.generate(x, max_new_tokens=12, do_sample=False)
+    assert torch.equal(gpu_model.generate(x, max_new_tokens=12, do_sample=True, top_k=1), greedy)
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.5, top_k=0, top_p=0.95)
+    torch.manual_seed(0)
+    a = gpu_model.generate(x, **kw)
+    torch.manual_seed(0)
+    b = gpu_model.generate(x, **kw)
+    c = gpu_model.generate(x, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a[0, 100:].tolist())) > 4  # a random model at temperature 1.5: draws, not one token
+    keys = graphed._state(gpu_model)["decoders"]
+    assert (2, 256, Sampling(top_k=0, top_p=True)) in keys

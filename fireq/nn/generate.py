@@ -1,21 +1,24 @@
-"""`model.generate()` as CUDA-graph replays, where the call is plain greedy decoding.
+"""`model.generate()` as CUDA-graph replays, where the call is plain greedy decoding or plain sampling.
 
 An eager decode step of a transformers model is host-bound, and fireq's more so (its modules and Triton
 launches): on the H200, transformers' generate() of 64 tokens after a 1024-token prompt took 4.64 s on a
 32-layer Llama-3-8B-shaped fireq model, 1.37 s in BF16, and 0.21 s as graph replays
 (benchmarks/results/generate-h200.json, scripts/bench_generate.py). So a fireq model's generate() runs a call
-that is plain greedy decoding through GraphDecoder (static INT4 cache, prompt and decode steps replayed from
-CUDA graphs) and returns what transformers' greedy search returns: the prompt and the new tokens, each
-sequence's tokens after its end-of-sequence token replaced by the pad token, cut after the step where the last
-sequence ended.
-The tokens are the graphed model's: its static cache and attention kernels round differently from the
-growing cache's in fp16, so a near tie between two tokens can resolve differently than in the eager call.
+that is plain greedy decoding, or plain multinomial sampling (temperature, top-k, top-p, min-p: transformers'
+defaults and rules, fireq.nn.graphs.sample_tokens), through GraphDecoder (static INT4 cache, prompt and decode
+steps replayed from CUDA graphs) and returns what transformers' generate() returns: the prompt and the new
+tokens, each sequence's tokens after its end-of-sequence token replaced by the pad token, cut after the step
+where the last sequence ended. The tokens are the graphed model's: its static cache and attention kernels
+round differently from the growing cache's in fp16, so a near tie between two tokens can resolve differently
+than in the eager call; sampled tokens come from the same distribution as transformers' draws, not the same
+random numbers (torch.manual_seed makes a graphed call repeatable).
 
-Anything else goes to transformers' own generate(), unchanged: sampling, beams, logits processors of any kind
-(repetition penalty, minimum lengths, bad words, ...), stopping criteria, streamers, assistants, a cache or
-an attention mask with padding given, scores or dicts asked for, a model on the CPU or split over GPUs.
+Anything else goes to transformers' own generate(), unchanged: beams, several sequences a prompt, logits
+processors of any kind (repetition penalty, minimum lengths, bad words, typical-p, ...), stopping criteria,
+streamers, assistants, a cache or an attention mask with padding given, scores or dicts asked for, a model on
+the CPU or split over GPUs.
 `set_graphed_generate(model, False)` turns it off for a model. Decoders are kept on the model, one for each
-(batch size, cache length bucket), at most MAX_DECODERS (the oldest is dropped).
+(batch size, cache length bucket, sampling filters), at most MAX_DECODERS (the oldest is dropped).
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ MAX_DECODERS = 2
 EOS_CHECK_EVERY = 16  # decode steps between checks (a host sync) whether every sequence has ended
 _ATTR = "_fireq_graphed_generate"  # on the model: {"on": bool, "decoders": {(batch, max_len): GraphDecoder}}
 
-# generation-config fields that greedy decoding ignores (sampling's, assistants', compilation's) or that this
-# path honours itself (lengths, special tokens, use_cache)
+# sampling's fields: free when not sampling; when sampling, temperature, top_k, top_p and min_p are honoured and
+# the others must be unset or neutral
+_SAMPLING = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"})
+_SAMPLING_NEUTRAL = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+# generation-config fields that these paths ignore (assistants', compilation's) or honour themselves (lengths,
+# special tokens, use_cache)
 _FREE = frozenset({
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
     "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
     "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_early_exit",
     "compile_config", "disable_compile", "max_new_tokens", "max_length", "bos_token_id", "eos_token_id",
@@ -39,7 +45,7 @@ _FREE = frozenset({
 })
 # fields whose value here changes nothing in greedy decoding (None: unset, always fine)
 _NEUTRAL = {
-    "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
     "length_penalty": 1.0, "early_stopping": False, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
     "guidance_scale": 1.0, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
@@ -73,21 +79,45 @@ def _settings(model: nn.Module, gc, kwargs: dict) -> tuple[dict, dict] | None:
     eff = dict(model.generation_config.to_dict())
     if gc is not None:
         eff.update({k: v for k, v in gc.to_dict().items() if v is not None})
-    known = set(GenerationConfig().to_dict()) | set(eff) | set(_NEUTRAL) | _FREE
+    known = set(GenerationConfig().to_dict()) | set(eff) | set(_NEUTRAL) | _FREE | _SAMPLING | {"do_sample"}
     rest = {}
     for k, v in kwargs.items():
         if k in known:
             eff[k] = v
         else:
             rest[k] = v
+    sample = bool(eff.get("do_sample"))
     for k, v in eff.items():
-        if k in _FREE or v is None or k.startswith("_"):
+        if k in _FREE or v is None or k.startswith("_") or k == "do_sample":
+            continue
+        if k in _SAMPLING:
+            if sample and k in _SAMPLING_NEUTRAL and v != _SAMPLING_NEUTRAL[k] or sample and k == "top_h":
+                return None
             continue
         if k not in _NEUTRAL or v != _NEUTRAL[k]:
             return None
     if eff.get("use_cache") is False:
         return None
     return eff, rest
+
+
+def _sampling(eff: dict) -> dict | None:
+    """A sampling call's filters and values with transformers' defaults (temperature 1, top_k 50, top_p 1, no
+    min_p), or None when a value is outside what transformers takes (its generate() then says so)."""
+    t = 1.0 if eff.get("temperature") is None else eff["temperature"]
+    k = 50 if eff.get("top_k") is None else eff["top_k"]
+    p = 1.0 if eff.get("top_p") is None else eff["top_p"]
+    m = eff.get("min_p")
+    try:
+        t, k, p, m = float(t), int(k), float(p), None if m is None else float(m)
+    except (TypeError, ValueError):
+        return None
+    if not t > 0 or k < 0 or not 0 <= p <= 1 or (m is not None and not 0 <= m <= 1):
+        return None
+    from .graphs import Sampling
+
+    return dict(spec=Sampling(top_k=k, top_p=p < 1.0, min_p=m is not None), temperature=t, top_p=p,
+                min_p=0.0 if m is None else m)
 
 
 def plan(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
@@ -133,26 +163,31 @@ def greedy_call(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
         new = int(eff["max_length"] if eff.get("max_length") is not None else 20) - n
     if new < 1:
         return None
+    sample = None
+    if eff.get("do_sample"):
+        sample = _sampling(eff)
+        if sample is None:
+            return None
     eos = eff.get("eos_token_id")
     eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
     pad = eff.get("pad_token_id")
     pad = eos[0] if pad is None and eos else pad
-    return dict(ids=ids, new=new, eos=eos, pad=pad)
+    return dict(ids=ids, new=new, eos=eos, pad=pad, sample=sample)
 
 
-def _decoder(model: nn.Module, batch: int, need: int):
+def _decoder(model: nn.Module, batch: int, need: int, sampling=None):
     from .graphs import GraphDecoder
 
     max_len = 256
     while max_len < need:
         max_len *= 2
     decoders = _state(model)["decoders"]
-    key = (batch, max_len)
+    key = (batch, max_len, sampling)
     dec = decoders.pop(key, None)
     if dec is None:
         while len(decoders) >= MAX_DECODERS:
             decoders.pop(next(iter(decoders)))
-        dec = GraphDecoder(model, batch, max_len)
+        dec = GraphDecoder(model, batch, max_len, sampling=sampling)
     decoders[key] = dec  # most recently used last
     return dec
 
@@ -176,9 +211,11 @@ def finish(tokens: torch.Tensor, eos: list[int], pad: int | None) -> torch.Tenso
 @torch.no_grad()
 def run(model: nn.Module, p: dict) -> torch.Tensor:
     """A planned call: prompt + greedy continuation (B, n + up to new), on the prompt's device."""
-    ids, new, eos = p["ids"], p["new"], p["eos"]
+    ids, new, eos, sample = p["ids"], p["new"], p["eos"], p["sample"]
     b, n = ids.shape
-    dec = _decoder(model, b, n + new)
+    dec = _decoder(model, b, n + new, None if sample is None else sample["spec"])
+    if sample is not None:
+        dec.set_sampling(sample["temperature"], sample["top_p"], sample["min_p"])
     with torch.cuda.device(dec.device):
         x = ids.to(dec.device)
         out = [dec.prefill(x)]

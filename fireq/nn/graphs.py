@@ -1,4 +1,4 @@
-"""Greedy decoding with every step one CUDA-graph replay, over the static INT4 KV cache.
+"""Greedy (or sampled) decoding with every step one CUDA-graph replay, over the static INT4 KV cache.
 
 A decode step of a quantized model is dozens of small kernels a layer; launched from Python it is
 launch-bound. With the static cache (fireq.nn.attention.make_cache(model, max_len): buffers allocated
@@ -21,11 +21,18 @@ is then declared n tokens long (set_static_length), so decoding overwrites them;
 position n - 1 (logits_to_keep as a device index). Each captured length keeps its own memory pool (the
 activations of P tokens). Choices made by token count (the FP8 prefill path's min_tokens) see P. Longer
 prompts, other caches and models without logits_to_keep run eagerly. The sequences of a batch share one
-length (no attention mask); sampling is greedy (argmax inside the graph: the
-two-launch row argmax of fireq_kernels.argmax, torch.argmax's result in a tenth of its time at a 128K vocabulary).
+length (no attention mask). Tokens are greedy (argmax inside the graph: the two-launch row argmax of
+fireq_kernels.argmax, torch.argmax's result in a tenth of its time at a 128K vocabulary) or, with
+`sampling=Sampling(...)`, drawn inside the graph as transformers' multinomial sampling draws them: the logits
+in float32 divided by the temperature, then top-k, top-p and min-p filtering (transformers' rules, in its
+order), then one draw from the softmax (an exponential race: argmax of p / E with E ~ Exp(1), the CUDA
+generator's philox stream, which graph replays advance). Which filters run is fixed at construction (they are
+in the graph); their values (temperature, top_p, min_p) live on the device and are set by set_sampling().
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,12 +40,54 @@ from torch import nn
 from ..errors import FireqError
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Multinomial sampling's filters in a captured step: top_k (0: none), whether top-p and min-p filter."""
+
+    top_k: int = 0
+    top_p: bool = False
+    min_p: bool = False
+
+
+def sample_tokens(logits: torch.Tensor, spec: Sampling, temperature: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """One token a row (B, 1) drawn from logits (B, V) as transformers' sampling draws it (temperature, top-k,
+    top-p, min-p, multinomial), with no host synchronization (capturable). temperature, top_p, min_p: (1, 1)
+    float32 tensors on the logits' device."""
+    probs = sampling_scores(logits, spec, temperature, top_p, min_p).softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True)
+
+
+def sampling_scores(logits: torch.Tensor, spec: Sampling, temperature: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor) -> torch.Tensor:
+    """The float32 scores sampling draws from (filtered tokens at -inf): transformers' temperature, top-k,
+    top-p and min-p warpers, in that order."""
+    x = logits.float() / temperature
+    ninf = float("-inf")
+    if spec.top_k:
+        kth = torch.topk(x, min(spec.top_k, x.shape[-1]), dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, ninf)
+    if spec.top_p:  # drop the least likely tokens whose probabilities sum to at most 1 - top_p; keep the top one
+        srt, idx = torch.sort(x, dim=-1)
+        drop = srt.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        x = x.masked_fill(drop.scatter(1, idx, drop), ninf)
+    if spec.min_p:  # drop tokens below min_p times the top probability; keep the top one
+        p = x.softmax(-1)
+        drop = p < min_p * p.amax(-1, keepdim=True)
+        drop.scatter_(1, p.argmax(-1, keepdim=True), False)
+        x = x.masked_fill(drop, ninf)
+    return x
+
+
 class GraphDecoder:
     """model: a fireq model on a CUDA device (fireq.load(..., device="cuda")). cache: any transformers cache
     with device-side positions (default: the static INT4 cache of max_len tokens). prefill_graphs: the
-    longest prompt whose prefill is a graph replay (0: every prefill eager)."""
+    longest prompt whose prefill is a graph replay (0: every prefill eager). sampling: draw tokens with these
+    filters (values by set_sampling) instead of greedy argmax."""
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cache=None, prefill_graphs: int = 2048):
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cache=None, prefill_graphs: int = 2048,
+                 sampling: Sampling | None = None):
         from .attention import make_cache
 
         devs = {t.device for t in (*model.parameters(), *model.buffers())}
@@ -52,6 +101,9 @@ class GraphDecoder:
         self.ids = torch.zeros((batch_size, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((batch_size, 1), dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.sampling = sampling
+        # the sampling values the captured steps read: temperature, top_p, min_p
+        self._samp = torch.tensor([[1.0], [1.0], [0.0]], device=dev).unsqueeze(1)
         import inspect
 
         # only the last position's logits (a prompt's full logits can take gigabytes)
@@ -66,8 +118,19 @@ class GraphDecoder:
         out = self.model(ids, position_ids=pos, past_key_values=self.cache, use_cache=True, **kw)
         return out.logits[:, -1]
 
+    def set_sampling(self, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0) -> None:
+        """The values the sampling filters use from the next prefill or step on."""
+        if self.sampling is None:
+            raise FireqError("this GraphDecoder decodes greedily (no sampling=)")
+        if not temperature > 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1:
+            raise FireqError(f"sampling values out of range: temperature {temperature}, top_p {top_p}, min_p {min_p}")
+        self._samp.copy_(torch.tensor([temperature, top_p, min_p], dtype=torch.float32).view(3, 1, 1))
+
     def _next(self, logits: torch.Tensor) -> None:
-        """The greedy tokens of logits (B, V) into self.ids."""
+        """The next tokens from logits (B, V) into self.ids: greedy, or drawn (sampling)."""
+        if self.sampling is not None:
+            self.ids.copy_(sample_tokens(logits, self.sampling, self._samp[0], self._samp[1], self._samp[2]))
+            return
         from fireq_kernels.argmax import argmax_rows_triton
 
         argmax_rows_triton(logits if logits.stride(-1) == 1 else logits.contiguous(), out=self.ids)
