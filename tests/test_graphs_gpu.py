@@ -59,7 +59,7 @@ def test_generate_runs_graphed(gpu_model):
         x = torch.randint(0, 1000, (b, n), generator=g).cuda()
         want = GraphDecoder(gpu_model, b, 256).generate(x, 12)
         got = gpu_model.generate(x, max_new_tokens=12, do_sample=False)
-        assert (b, 256) in graphed._state(gpu_model)["decoders"] and torch.equal(got, want)
+        assert (b, 256, None) in graphed._state(gpu_model)["decoders"] and torch.equal(got, want)
         assert torch.equal(gpu_model.generate(x.cpu(), max_new_tokens=12).cpu(), want.cpu())  # prompt on the CPU
         # transformers' eager generate over the growing cache: its own kernels' rounding, the same first token
         graphed.set_graphed_generate(gpu_model, False)
@@ -78,8 +78,9 @@ def test_generate_runs_graphed(gpu_model):
 
 
 def test_generate_samples_graphed(gpu_model):
-    """do_sample=True runs graphed too: top_k=1 gives the greedy tokens; a seed makes a call repeatable; the
-    graph's draws change from replay to replay (the CUDA generator's stream advances)."""
+    """do_sample=True runs graphed too: top_k=1 gives the greedy tokens; once a shape's graphs are captured
+    (the first call also draws in its eager runs), a seed makes a call repeatable; the graph's draws change from
+    replay to replay (the CUDA generator's stream advances)."""
     from fireq.nn import generate as graphed
     from fireq.nn.graphs import Sampling
 
@@ -87,6 +88,7 @@ def test_generate_samples_graphed(gpu_model):
     greedy = gpu_model.generate(x, max_new_tokens=12, do_sample=False)
     assert torch.equal(gpu_model.generate(x, max_new_tokens=12, do_sample=True, top_k=1), greedy)
     kw = dict(max_new_tokens=24, do_sample=True, temperature=1.5, top_k=0, top_p=0.95)
+    gpu_model.generate(x, **kw)  # captures
     torch.manual_seed(0)
     a = gpu_model.generate(x, **kw)
     torch.manual_seed(0)
