@@ -11,7 +11,8 @@ tokens, each sequence's tokens after its end-of-sequence token replaced by the p
 where the last sequence ended. The tokens are the graphed model's: its static cache and attention kernels
 round differently from the growing cache's in fp16, so a near tie between two tokens can resolve differently
 than in the eager call; sampled tokens come from the same distribution as transformers' draws, not the same
-random numbers (torch.manual_seed makes a graphed call repeatable).
+random numbers (torch.manual_seed makes a graphed call repeatable once its shape's graphs are captured: the
+first call of a shape also draws in its eager runs).
 
 Anything else goes to transformers' own generate(), unchanged: beams, several sequences a prompt, logits
 processors of any kind (repetition penalty, minimum lengths, bad words, typical-p, ...), stopping criteria,
