@@ -27,6 +27,9 @@ def test_plain_greedy_calls_qualify(tiny):
                                    eos_token_id=[3, 4], attention_mask=torch.ones_like(x), use_cache=True))
     assert p["new"] == 5 and p["eos"] == [3, 4] and p["pad"] == 3  # no pad token: the first end token, as HF
     assert greedy_call(tiny, (x,), dict(eos_token_id=9, pad_token_id=0))["new"] == 13  # max_length 20 by default
+    p = greedy_call(tiny, (x,), dict(eos_token_id=torch.tensor([5, 6]), pad_token_id=torch.tensor(1)))
+    assert p["eos"] == [5, 6] and p["pad"] == 1  # tensors, as transformers takes them too
+    assert greedy_call(tiny, (x,), dict(eos_token_id="two")) is None  # transformers' generate() says what is wrong
     from transformers import GenerationConfig
 
     p = greedy_call(tiny, (x,), dict(generation_config=GenerationConfig(max_new_tokens=3, eos_token_id=2)))

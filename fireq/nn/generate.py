@@ -169,10 +169,13 @@ def greedy_call(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
         sample = _sampling(eff)
         if sample is None:
             return None
-    eos = eff.get("eos_token_id")
-    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-    pad = eff.get("pad_token_id")
-    pad = eos[0] if pad is None and eos else pad
+    try:  # ints, lists of ints or tensors of them
+        eos = eff.get("eos_token_id")
+        eos = [] if eos is None else [int(e) for e in torch.as_tensor(eos).flatten().tolist()]
+        pad = eff.get("pad_token_id")
+        pad = eos[0] if pad is None and eos else (None if pad is None else int(pad))
+    except (TypeError, ValueError, RuntimeError):
+        return None
     return dict(ids=ids, new=new, eos=eos, pad=pad, sample=sample)
 
 
