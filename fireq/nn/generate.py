@@ -126,7 +126,9 @@ def plan(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     pad id), or None when transformers' generate() should run it."""
     if not _state(model)["on"] or not torch.cuda.is_available():
         return None
-    devs = {t.device for t in (*model.parameters(), *model.buffers())}
+    from .graphs import model_devices
+
+    devs = model_devices(model)
     if len(devs) != 1 or next(iter(devs)).type != "cuda":
         return None
     from fireq_kernels.ops import triton_fp8_capable

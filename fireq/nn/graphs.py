@@ -80,6 +80,11 @@ def sampling_scores(logits: torch.Tensor, spec: Sampling, temperature: torch.Ten
     return x
 
 
+def model_devices(model: nn.Module) -> set:
+    """The devices of a model's parameters and buffers."""
+    return {t.device for t in (*model.parameters(), *model.buffers())}
+
+
 class GraphDecoder:
     """model: a fireq model on a CUDA device (fireq.load(..., device="cuda")). cache: any transformers cache
     with device-side positions (default: the static INT4 cache of max_len tokens). prefill_graphs: the
@@ -90,7 +95,7 @@ class GraphDecoder:
                  sampling: Sampling | None = None):
         from .attention import make_cache
 
-        devs = {t.device for t in (*model.parameters(), *model.buffers())}
+        devs = model_devices(model)
         if len(devs) != 1 or next(iter(devs)).type != "cuda":
             raise FireqError("GraphDecoder needs the whole model on one CUDA device (a CUDA graph is captured on "
                              f"one GPU; the model's parameters are on {', '.join(sorted(map(str, devs)))})")
@@ -103,7 +108,7 @@ class GraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.sampling = sampling
         # the sampling values the captured steps read: temperature, top_p, min_p
-        self._samp = torch.tensor([[1.0], [1.0], [0.0]], device=dev).unsqueeze(1)
+        self._samp = torch.tensor([1.0, 1.0, 0.0], device=dev).view(3, 1, 1)
         import inspect
 
         # only the last position's logits (a prompt's full logits can take gigabytes)
